@@ -267,3 +267,15 @@ def padded_causal_mask(attention_mask: torch.Tensor, t: int, offset: int) -> tor
     idx = torch.arange(t, device=mask.device)
     eye[:, :, idx, offset + idx] = True
     return mask | (eye & ~mask.any(-1, keepdim=True))
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Mask (B, 1, T, T) for packed rows: causal and only within the same document.
+
+    doc_ids (B, T) numbers each packed example; padding gets its own id (e.g. -1), so a
+    pad token only sees earlier pads and never a real token sees a pad.
+    """
+    t = doc_ids.shape[1]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal)[:, None]
