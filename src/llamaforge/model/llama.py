@@ -15,6 +15,9 @@ from torch import nn
 
 from .config import LlamaConfig, RopeScaling
 
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 like the reference."""
@@ -125,14 +128,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
-        if self.n_kv != self.n_heads:  # expand groups so SDPA sees H heads
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        gqa = {}
+        if self.n_kv != self.n_heads:
+            # SDPA reads grouped heads in place where it can (no mask, or CPU); with a mask on
+            # GPU that would force its slow math kernel, so expand groups to H heads there.
+            if _SDPA_GQA and (mask is None or q.device.type == "cpu"):
+                gqa = {"enable_gqa": True}
+            else:
+                rep = self.n_heads // self.n_kv
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, **gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -221,7 +230,7 @@ class Llama(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
-        if mask is None and cache is not None and start > 0:
+        if mask is None and cache is not None and start > 0 and t > 1:  # one query sees all
             mask = causal_mask(t, start + t, start, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
