@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv (once) with pinned dependencies, the real assets and llamaforge itself.
+# On a machine without an NVIDIA GPU the CPU build of torch is installed first; with one,
+# bring your own CUDA build of torch (pyproject.toml states the supported range).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.llamaforge-installed
+want=$(cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q --upgrade pip >/dev/null
+  if ! python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      python -m pip install -q "torch>=2.4,<2.15"
+    else
+      python -m pip install -q torch==2.13.0  # CPU build
+    fi
+  fi
+  python -m pip install -q -r requirements/test.txt
+  python -m pip install -q --no-deps -r requirements/assets.txt
+  python -m pip install -q --no-deps -e .
+  echo "$want" >"$stamp"
+fi

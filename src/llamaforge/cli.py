@@ -1,0 +1,207 @@
+"""The `llamaforge` command line: generate, chat, perplexity, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+MODEL_HELP = "a Hugging Face folder, a .gguf file, or the built-in name smollm2-135m-instruct"
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: auto)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every verb."""
+    parser = argparse.ArgumentParser(prog="llamaforge", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True, action="append", help="repeatable: one row each")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--system", default=None, help="system prompt (with --chat)")
+    g.add_argument("--template", default="auto", help="chat format (with --chat)")
+    _add_sampling_args(g, 128)
+
+    c = sub.add_parser("chat", help="interactive chat with streaming output")
+    _add_model_args(c)
+    c.add_argument("--system", default=None)
+    c.add_argument("--template", default="auto", help="auto, chatml, llama2, llama3, ...")
+    _add_sampling_args(c, 512)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file; prints one JSON line")
+    _add_model_args(p)
+    p.add_argument("text_file")
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default: ctx)")
+    p.add_argument("--batch-size", type=int, default=4)
+
+    v = sub.add_parser("convert", help="write a Hugging Face folder (weights, config, tokenizer)")
+    _add_model_args(v)
+    v.add_argument("out_dir")
+    return parser
+
+
+def _sampling(args: argparse.Namespace, tok) -> object:
+    from .model.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_ids=sorted(tok.stop_ids),
+        stop_strings=args.stop,
+        seed=args.seed,
+    )
+
+
+def _load(args: argparse.Namespace):
+    from .io.load import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _stream(model, tok, ids: list[int], params) -> list[int]:
+    """Generate for one prompt, printing text to stdout as it is produced."""
+    from .model.generate import TextStream, generate
+
+    stream = TextStream(tok.decode, params.stop_strings)
+
+    def show(_row: int, token: int) -> None:
+        print(stream.push(token), end="", flush=True)
+
+    out = generate(model, [ids], params, decode=tok.decode, on_token=show)
+    print(stream.flush(), flush=True)
+    return out[0]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Complete one or more prompts; a single prompt streams to the terminal."""
+    from .data.templates import render_conversation
+    from .model.generate import generate
+
+    model, tok = _load(args)
+    prompts = []
+    for text in args.prompt:
+        if args.chat:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": text}
+            ]
+            prompts.append(
+                render_conversation(tok, msgs, args.template, add_generation_prompt=True)[0]
+            )
+        else:
+            prompts.append(tok.encode(text, bos=tok.bos_id is not None and tok.add_bos))
+    params = _sampling(args, tok)
+    if len(prompts) == 1:
+        _stream(model, tok, prompts[0], params)
+        return 0
+    outs = generate(model, prompts, params, decode=tok.decode)
+    for text, out in zip(args.prompt, outs, strict=True):
+        print(json.dumps({"prompt": text, "completion": tok.decode(out)}))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive multi-turn chat; /reset clears history, /exit or EOF quits."""
+    from .data.templates import render_conversation
+
+    model, tok = _load(args)
+    params = _sampling(args, tok)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("llamaforge chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids, _ = render_conversation(tok, history, args.template, add_generation_prompt=True)
+        print("assistant> ", end="", flush=True)
+        out = _stream(model, tok, ids, params)
+        history.append({"role": "assistant", "content": tok.decode(out).strip()})
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """Print {"tokens", "nll", "perplexity"} for a text file as one JSON line."""
+    from .eval.perplexity import perplexity
+
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise UserError(f"{path}: no such text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    model, tok = _load(args)
+    ids = tok.encode(text)
+    res = perplexity(model, ids, window=args.window, batch_size=args.batch_size, progress=True)
+    print(json.dumps({"tokens": res.tokens, "nll": res.nll, "perplexity": res.perplexity}))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write a Hugging Face folder that transformers loads."""
+    from .data.tokenizer import save_tokenizer
+    from .io.hf import save_hf
+
+    model, tok = _load(args)
+    out = Path(args.out_dir)
+    save_hf(model, out)
+    save_tokenizer(tok, out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "perplexity": cmd_perplexity,
+    "convert": cmd_convert,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    from .model.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.verb](args)
+    except (UserError, ConfigError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"llamaforge {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
