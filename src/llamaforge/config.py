@@ -1,0 +1,475 @@
+"""Typed run configuration: YAML file + `key=value` overrides, validated on load.
+
+Every error is one line that names the key, and `file:line` where the YAML says it:
+`configs/x.yaml:7: unknown key 'data.pth' (did you mean 'data.path'?)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .model.config import ConfigError as _BaseConfigError
+
+
+class ConfigError(_BaseConfigError):
+    """A run configuration is malformed; the message is one line naming the key."""
+
+
+Check = tuple[Callable[[Any], bool], str]
+POSITIVE: Check = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
+AT_LEAST_1: Check = (lambda v: v >= 1, "must be >= 1")
+AT_LEAST_2: Check = (lambda v: v >= 2, "must be >= 2")
+FRACTION: Check = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+UNIT: Check = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+NON_EMPTY: Check = (lambda v: len(v) > 0, "must not be empty")
+BETAS: Check = (
+    lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+    "must be two numbers in [0, 1)",
+)
+DEVICE: Check = (
+    lambda v: re.fullmatch(r"cpu|mps|cuda(:\d+)?", v) is not None,
+    "must be cpu, cuda, cuda:N or mps",
+)
+
+
+def _f(default: Any = dataclasses.MISSING, check: Check | None = None, **kw: Any) -> Any:
+    """A dataclass field with an optional value check (skipped for None)."""
+    meta = {"check": check} if check else {}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _default_output_dir() -> str:
+    return time.strftime("runs/%Y%m%d-%H%M%S")
+
+
+DATA_FORMATS = Literal[
+    "alpaca", "dialogsum", "messages", "sharegpt", "text", "chitchat_chat", "chitchat_topic", "auto"
+]
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is and how it becomes token ids."""
+
+    path: str
+    format: DATA_FORMATS = "auto"
+    columns: dict[str, str] = _f({})
+    template: str = "auto"
+    max_seq_len: int = _f(1024, AT_LEAST_2)
+    truncation: Literal["right", "left", "drop"] = "right"
+    packing: bool = False
+    train_on_prompt: bool = False
+    val_size: float = _f(0.05, FRACTION)
+    test_size: float = _f(0.0, FRACTION)
+    split_seed: int = 0
+    lenient: bool = False
+    limit: int | None = _f(None, AT_LEAST_1)
+    cache_dir: str | None = None
+    text_key: str = "text"
+    system: str | None = None
+    val_path: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters beside frozen weights."""
+
+    r: int = _f(16, AT_LEAST_1)
+    alpha: float = _f(32.0, POSITIVE)
+    dropout: float = _f(0.05, FRACTION)
+    targets: list[str] = _f(DEFAULT_TARGETS, NON_EMPTY)
+    rslora: bool = False
+
+
+@dataclass
+class QloraConfig:
+    """4-bit NormalFloat base weights under LoRA."""
+
+    double_quant: bool = True
+    blocksize: int = _f(64, AT_LEAST_1)
+
+
+@dataclass
+class FreezeConfig:
+    """Which parts train when method is `freeze` ([] train_layers means the last 2)."""
+
+    train_layers: list[int] = _f([])
+    train_modules: list[str] = _f([])
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, the learning-rate schedule, clipping and batch shape."""
+
+    lr: float = _f(2e-4, POSITIVE)
+    weight_decay: float = _f(0.0, NON_NEGATIVE)
+    betas: list[float] = _f([0.9, 0.999], BETAS)
+    eps: float = _f(1e-8, POSITIVE)
+    warmup_steps: int = _f(0, NON_NEGATIVE)
+    warmup_ratio: float = _f(0.0, UNIT)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = _f(0.0, UNIT)
+    max_grad_norm: float = _f(1.0, NON_NEGATIVE)
+    batch_size: int = _f(8, AT_LEAST_1)
+    grad_accum: int = _f(1, AT_LEAST_1)
+    max_nonfinite_steps: int = _f(5, AT_LEAST_1)
+
+
+@dataclass
+class GenerateEvalConfig:
+    """Generation-based evaluation on held-out examples."""
+
+    max_examples: int = _f(50, NON_NEGATIVE)
+    max_new_tokens: int = _f(32, AT_LEAST_1)
+    metrics: list[str] = _f(["exact_match", "rouge_l"])
+
+
+@dataclass
+class EvalConfig:
+    """When to evaluate and when to stop early (every: null means at the end only)."""
+
+    every: int | None = _f(None, AT_LEAST_1)
+    max_batches: int | None = _f(None, AT_LEAST_1)
+    patience: int | None = _f(None, AT_LEAST_1)
+    min_delta: float = _f(0.0, NON_NEGATIVE)
+    generate: GenerateEvalConfig = field(default_factory=GenerateEvalConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    """How often to save, how many to keep, and where to resume from (auto|never|<path>)."""
+
+    every: int | None = _f(None, AT_LEAST_1)
+    keep: int = _f(2, AT_LEAST_1)
+    resume: str = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics cadence and sinks."""
+
+    every: int = _f(1, AT_LEAST_1)
+    tensorboard: bool = True
+    plot: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """What the shared training loop needs (a view of RunConfig, or built directly)."""
+
+    max_steps: int | None = _f(None, AT_LEAST_1)
+    epochs: float = _f(1.0, POSITIVE)
+    seed: int = _f(0, NON_NEGATIVE)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    activation_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class RunConfig:
+    """One training run, as written in a YAML file (max_steps, if set, wins over epochs)."""
+
+    model: str
+    data: DataConfig
+    stage: Literal["pt", "sft"] = "sft"
+    method: Literal["full", "freeze", "lora", "qlora"] = "lora"
+    output_dir: str = field(default_factory=_default_output_dir)
+    seed: int = _f(0, NON_NEGATIVE)
+    max_steps: int | None = _f(None, AT_LEAST_1)
+    epochs: float = _f(1.0, POSITIVE)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str | None = _f(None, DEVICE)
+    activation_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    qlora: QloraConfig = field(default_factory=QloraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    def train_config(self) -> TrainConfig:
+        """The loop's view of this run."""
+        names = [f.name for f in dataclasses.fields(TrainConfig)]
+        return TrainConfig(**{n: getattr(self, n) for n in names})
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _Origins:
+    """Where each dotted key came from: `file:line`, `override 'k=v'`, or the file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.where: dict[str, str] = {}
+
+    def of(self, key: str) -> str:
+        """The origin of `key`, else of its nearest parent, else the file."""
+        while key:
+            if key in self.where:
+                return self.where[key]
+            key = re.sub(r"\[\d+\]$", "", key) if key.endswith("]") else key.rpartition(".")[0]
+        return self.source
+
+    def error(self, key: str, msg: str) -> ConfigError:
+        """A ConfigError prefixed with the key's origin."""
+        return ConfigError(f"{self.of(key)}: {msg}")
+
+
+def _read_yaml(path: Path, origins: _Origins) -> dict[str, Any]:
+    """Parse `path`, recording each key's line; syntax errors become `file:line` errors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        _record_lines(node, "", path, origins)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def _record_lines(node: yaml.Node, prefix: str, path: Path, origins: _Origins) -> None:
+    """Walk a composed mapping, storing `file:line` per dotted key; reject duplicate keys."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}"
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{path}:{line}: duplicate key '{key}' (first at line {seen[key]})")
+        seen[key] = line
+        origins.where[key] = f"{path}:{line}"
+        _record_lines(value_node, f"{key}.", path, origins)
+
+
+def _apply_override(raw: dict[str, Any], item: str, origins: _Origins) -> None:
+    """Set one dotted `key=value` (value parsed as YAML) into the raw dict."""
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"override '{item}': expected key=value with a dotted key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    origins.where[key] = f"override '{item}'"
+
+
+def _section_keys(cls: type, prefix: str = "") -> list[str]:
+    """All dotted keys a dataclass accepts (for did-you-mean suggestions)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _section_keys(hints[f.name], f"{key}.")
+    return keys
+
+
+def _unknown_key(key: str, origins: _Origins) -> ConfigError:
+    """Error for an unknown key, with the closest valid key suggested."""
+    near = difflib.get_close_matches(key, _section_keys(RunConfig), n=1, cutoff=0.6)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return origins.error(key, f"unknown key '{key}'{hint}")
+
+
+def _build(cls: type, raw: Any, prefix: str, origins: _Origins) -> Any:
+    """Instantiate dataclass `cls` from a raw mapping, validating every key."""
+    where = prefix.rstrip(".")
+    if not isinstance(raw, dict):
+        raise origins.error(where, f"key '{where}': expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            raise _unknown_key(f"{prefix}{name}", origins)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], key, origins)
+            _check(kwargs[name], f, key, origins)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise origins.error(where, f"missing required key '{key}'")
+    return cls(**kwargs)
+
+
+def _check(value: Any, f: dataclasses.Field, key: str, origins: _Origins) -> None:
+    """Apply the field's range check, if any (None always passes)."""
+    check = f.metadata.get("check")
+    if check is not None and value is not None and not check[0](value):
+        raise origins.error(key, f"key '{key}': {check[1]}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    """A short rendering of a bad value for error messages."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(tp: Any) -> str:
+    """Human words for an expected type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    return {list: "a list", dict: "a mapping"}.get(origin, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str, origins: _Origins) -> Any:
+    """Validate `value` against type `tp`; return it converted (e.g. int -> float)."""
+    bad = origins.error(key, f"key '{key}': expected {_describe(tp)}, got {_show(value)}")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.", origins)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        try:
+            return _coerce(value, inner[0], key, origins)
+        except ConfigError:
+            raise bad from None
+    if origin is Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]", origins) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {
+            _coerce(k, args[0], key, origins): _coerce(v, args[1], f"{key}.{k}", origins)
+            for k, v in value.items()
+        }
+    return _coerce_scalar(value, tp, bad)
+
+
+def _coerce_scalar(value: Any, tp: type, bad: ConfigError) -> Any:
+    """bool/int/float/str checks; a float also accepts '2e-4' (PyYAML reads it as a string)."""
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - schema uses only the types above
+        raise TypeError(f"unsupported config type {tp!r}")
+    if not ok:
+        raise bad
+    return value
+
+
+def _cross_checks(cfg: RunConfig, origins: _Origins) -> None:
+    """Rules spanning several keys."""
+    if cfg.data.val_size + cfg.data.test_size >= 1:
+        raise origins.error("data.test_size", "keys 'data.val_size' + 'data.test_size' must be < 1")
+    if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume.strip():
+        raise origins.error("checkpoint.resume", "key 'checkpoint.resume': empty path")
+
+
+def _resolve(raw: dict[str, Any], overrides: list[str] | None, origins: _Origins) -> RunConfig:
+    """Apply overrides to a raw dict, then build and cross-check the RunConfig."""
+    for item in overrides or []:
+        _apply_override(raw, item, origins)
+    cfg = _build(RunConfig, raw, "", origins)
+    _cross_checks(cfg, origins)
+    return cfg
+
+
+def config_from_dict(
+    raw: dict[str, Any], overrides: list[str] | None = None, *, source: str = "<config>"
+) -> RunConfig:
+    """Validate a raw nested dict (plus overrides) into a RunConfig."""
+    return _resolve(_deep_copy(raw), overrides, _Origins(source))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config, apply dotted `key=value` overrides, validate everything."""
+    origins = _Origins(str(path))
+    return _resolve(_read_yaml(Path(path), origins), overrides, origins)
+
+
+def validate(cfg: Any) -> None:
+    """Check a config dataclass built in code with the same rules as a loaded one."""
+    origins = _Origins(f"<{type(cfg).__name__}>")
+    _build(type(cfg), dataclasses.asdict(cfg), "", origins)
+    if isinstance(cfg, RunConfig):
+        _cross_checks(cfg, origins)
+
+
+def _deep_copy(raw: Any) -> Any:
+    """Copy nested dicts so overrides do not mutate the caller's mapping."""
+    return {k: _deep_copy(v) for k, v in raw.items()} if isinstance(raw, dict) else raw
+
+
+def save_resolved(cfg: RunConfig, out_dir: str | Path) -> Path:
+    """Write the fully resolved config to `out_dir/config.yaml` and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    return path

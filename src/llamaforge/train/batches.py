@@ -1,0 +1,163 @@
+"""Collating tokenized examples and a deterministic, resumable stream of micro-batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Example = dict[str, Any]  # {"input_ids": list[int], "labels": list[int], ...}
+Batch = dict[str, Tensor]
+
+# Pad value per known key; input_ids use the tokenizer's pad id.
+PAD_VALUES: dict[str, int | None] = {
+    "input_ids": None,
+    "labels": -100,
+    "positions": 0,
+    "doc_ids": -1,
+}
+MEGABATCH = 64  # length grouping sorts within windows of this many batches
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-pad examples into LongTensors (B, T): input_ids, labels, [positions, doc_ids]."""
+    if not examples:
+        raise ValueError("collate: no examples")
+    keys = list(examples[0])
+    for key in keys:
+        if key not in PAD_VALUES:
+            raise ValueError(f"collate: unknown key {key!r} (known: {', '.join(PAD_VALUES)})")
+    width = max(len(ex["input_ids"]) for ex in examples)
+    out = {}
+    for key in keys:
+        pad = pad_id if PAD_VALUES[key] is None else PAD_VALUES[key]
+        t = torch.full((len(examples), width), pad, dtype=torch.long)  # (B, T)
+        for row, ex in enumerate(examples):
+            values = ex[key]
+            if len(values) != len(ex["input_ids"]):
+                raise ValueError(
+                    f"collate: example {row} has {len(values)} {key} "
+                    f"but {len(ex['input_ids'])} input_ids"
+                )
+            t[row, : len(values)] = torch.as_tensor(values, dtype=torch.long)
+        out[key] = t
+    return out
+
+
+class BatchSource:
+    """Micro-batches over `examples`, epoch after epoch, in an order fixed by (seed, epoch).
+
+    The position (epoch, index of the next micro-batch) is the whole state, so a run that
+    restores `state_dict()` sees exactly the batches an uninterrupted run would have seen.
+    Iterates forever unless `max_epochs` is set.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        batch_size: int,
+        *,
+        pad_id: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        group_by_length: bool = False,
+        max_epochs: int | None = None,
+        collate_fn: Callable[[Sequence[Example]], Batch] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.group_by_length = group_by_length
+        self.max_epochs = max_epochs
+        self.collate_fn = collate_fn or (lambda exs: collate(exs, pad_id))
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"no batches: {len(examples)} examples, batch_size {batch_size}, "
+                f"drop_last={drop_last}"
+            )
+        self.epoch, self.index = 0, 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches in one pass over the examples."""
+        n, b = len(self.examples), self.batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def steps_per_epoch(self, grad_accum: int = 1) -> int:
+        """Optimizer steps per epoch (windows may straddle epochs; rounded up)."""
+        return math.ceil(self.batches_per_epoch / grad_accum)
+
+    def total_steps(self, epochs: float, grad_accum: int = 1) -> int:
+        """Optimizer steps that consume `epochs` passes of micro-batches (at least 1)."""
+        return max(1, math.ceil(epochs * self.batches_per_epoch / grad_accum))
+
+    @property
+    def progress(self) -> float:
+        """Epochs consumed so far, fractional."""
+        return self.epoch + self.index / self.batches_per_epoch
+
+    def order(self, epoch: int) -> list[list[int]]:
+        """Example indices of every micro-batch of `epoch` (pure function of seed, epoch)."""
+        n, b = len(self.examples), self.batch_size
+        rng = np.random.default_rng([self.seed, epoch])
+        idx = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.group_by_length:
+            idx = self._group_by_length(idx)
+        batches = [idx[i : i + b].tolist() for i in range(0, n, b)]
+        if self.drop_last and len(batches[-1]) < b:
+            batches.pop()
+        if self.group_by_length and self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def _group_by_length(self, idx: np.ndarray) -> np.ndarray:
+        """Sort by length (longest first) inside windows of MEGABATCH batches."""
+        size = self.batch_size * MEGABATCH
+        lengths = np.array([len(self.examples[i]["input_ids"]) for i in idx])
+        parts = []
+        for s in range(0, len(idx), size):
+            part = idx[s : s + size]
+            parts.append(part[np.argsort(-lengths[s : s + size], kind="stable")])
+        return np.concatenate(parts)
+
+    def _batches_of(self, epoch: int) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self.order(epoch))
+        return self._cached[1]
+
+    def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]:
+        """One epoch's micro-batches, without touching the stream position (for evaluation)."""
+        for ids in self.order(epoch):
+            yield self.collate_fn([self.examples[i] for i in ids])
+
+    def __iter__(self) -> BatchSource:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.max_epochs is not None and self.epoch >= self.max_epochs:
+            raise StopIteration
+        ids = self._batches_of(self.epoch)[self.index]
+        self.index += 1
+        return self.collate_fn([self.examples[i] for i in ids])
+
+    def state_dict(self) -> dict[str, int]:
+        """Position of the next micro-batch: {"epoch", "index"}."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the micro-batch `state_dict()` pointed to."""
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

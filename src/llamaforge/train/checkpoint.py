@@ -1,0 +1,257 @@
+"""Resumable training checkpoints that never lose work.
+
+A checkpoint is a folder `checkpoint-{step:08d}` holding
+  model.safetensors   trainable parameters (all of them for a full fine-tune)
+  optimizer.pt        optimizer, scheduler, grad-scaler and extra objects' state_dicts
+  rng.pt              Python, NumPy, torch CPU and CUDA generator states
+  trainer_state.json  step, batch-source position, loop state
+It is written into a temporary folder, every file fsynced, then renamed into place: a
+process killed mid-save leaves the previous checkpoint as the latest one. `.pt` files hold
+only tensors and plain Python values, so they load with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "trainer_state.json"
+NAME_RE = re.compile(r"checkpoint-(\d{8,})")
+TMP_PREFIX = ".tmp-checkpoint-"
+
+
+class Stateful(Protocol):
+    """Anything with state_dict/load_state_dict (optimizers, schedulers, value heads...)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` hands back besides the objects it restored in place."""
+
+    path: Path
+    step: int
+    source_state: dict[str, Any] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint after `step` optimizer steps."""
+    return f"checkpoint-{step:08d}"
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters with requires_grad, detached (tied weights appear once)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values (weights_only-loadable)."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(py_state), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+    }
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Put every generator back where `capture_rng` found it."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Atomically move the finished temporary folder to its final name."""
+    old = None
+    if final.exists():  # re-saving the same step: swap, then drop the old copy
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(
+    tmp: Path,
+    step: int,
+    model_state: Mapping[str, Tensor],
+    optim_state: dict[str, Any],
+    rng_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+) -> None:
+    """Write and fsync every file of one checkpoint into `tmp`."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    torch.save(optim_state, tmp / OPTIM_FILE)
+    torch.save(rng_state, tmp / RNG_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+    for name in (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE):
+        _fsync(tmp / name)
+    _fsync(tmp)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model_state: Mapping[str, Tensor],
+    *,
+    optimizer: Stateful | None = None,
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    source_state: dict[str, Any] | None = None,
+    rng_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    objects: Mapping[str, Stateful] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write `root/checkpoint-{step:08d}` atomically, then keep only the newest `keep`.
+
+    `extra` must be JSON-serialisable; `objects` are saved through their state_dicts.
+    rng_state defaults to the generators' current state.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        json.dumps(extra or {})
+    except TypeError as e:
+        raise TypeError(f"checkpoint extra state must be JSON-serialisable: {e}") from None
+    remove_stale_temporaries(root)
+    optim_state = {
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "objects": {k: v.state_dict() for k, v in (objects or {}).items()},
+    }
+    trainer_state = {"step": step, "source": source_state, "extra": extra or {}}
+    tmp = root / f"{TMP_PREFIX}{step:08d}-{os.getpid()}"
+    tmp.mkdir()
+    _write_files(tmp, step, model_state, optim_state, rng_state or capture_rng(), trainer_state)
+    final = root / checkpoint_name(step)
+    _commit(tmp, final)
+    if keep is not None:
+        prune_checkpoints(root, keep)
+    return final
+
+
+def remove_stale_temporaries(root: str | Path) -> None:
+    """Delete half-written checkpoint folders left by a process killed mid-save."""
+    for p in Path(root).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := NAME_RE.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    for p in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(p)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_model_state(model: nn.Module, path: str | Path) -> None:
+    """Copy the checkpoint's weights into `model` in place; every trainable one must be there."""
+    state = load_file(str(Path(path) / MODEL_FILE), device="cpu")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        names = ", ".join(result.unexpected_keys[:5])
+        raise ValueError(f"{path}: checkpoint has weights the model lacks: {names}")
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks trainable weights: {', '.join(missing[:5])}")
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module | None = None,
+    optimizer: Stateful | None = None,
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    objects: Mapping[str, Stateful] | None = None,
+    restore_rng_state: bool = True,
+) -> Checkpoint:
+    """Restore the given objects (and the RNGs) from a checkpoint folder, in place."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
+    if model is not None:
+        load_model_state(model, path)
+    optim_state = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+        if obj is not None and optim_state[key] is not None:
+            obj.load_state_dict(optim_state[key])
+    for name, obj in (objects or {}).items():
+        if name not in optim_state["objects"]:
+            raise KeyError(f"{path}: checkpoint has no state for {name!r}")
+        obj.load_state_dict(optim_state["objects"][name])
+    if restore_rng_state:
+        restore_rng(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+    meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return Checkpoint(path, int(meta["step"]), meta.get("source"), meta.get("extra", {}))

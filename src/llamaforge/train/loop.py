@@ -1,0 +1,625 @@
+"""The one training loop every stage shares: it takes a loss function and a batch source.
+
+A step draws `grad_accum` micro-batches, counts their trainable units (tokens) first, and
+back-propagates each micro-batch's loss *sum* divided by the window's total, so the
+gradient equals that of one large batch. Then: clip, AdamW, schedule; log, evaluate,
+checkpoint; stop on max_steps, early stopping, or SIGINT/SIGTERM (after saving).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..config import TrainConfig, validate
+from ..losses import count_label_tokens
+from .batches import Batch, BatchSource
+from .checkpoint import (
+    Stateful,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_state,
+)
+from .metrics import MetricsLogger, is_main_process, plot_losses, read_metrics, truncate_metrics
+from .optim import build_optimizer, build_scheduler
+
+LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+CountFn = Callable[[Batch], int]
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient) was NaN/inf for too many optimizer steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    """How a call to `train` ended."""
+
+    step: int
+    stop_reason: str  # "completed", "early_stop" or "signal"
+    losses: list[float] = field(default_factory=list)  # per optimizer step of this call
+    last_eval: dict[str, float] = field(default_factory=dict)
+    best_val_loss: float | None = None
+    skipped_steps: int = 0
+    checkpoint: Path | None = None
+    out_dir: Path | None = None
+
+
+# ---------------------------------------------------------------- precision
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere.
+
+    fp16 is rejected off CUDA: its loss scaling (GradScaler) is a GPU feature.
+    """
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not cuda:
+        raise ValueError(
+            f"precision 'fp16' needs a CUDA GPU (loss scaling), but the model is on "
+            f"{device.type}; use precision fp32 or bf16"
+        )
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16 on `device`, a no-op context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- one step
+
+
+@dataclass
+class WindowStats:
+    """Outcome of accumulating one window: mean loss per unit and the unit count."""
+
+    loss: float
+    tokens: int
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    window: Sequence[Batch],
+    loss_fn: LossFn,
+    *,
+    count_fn: CountFn = count_label_tokens,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+) -> WindowStats:
+    """Backward every micro-batch's loss sum / the window's unit count; grads accumulate.
+
+    A window without trainable units gives loss 0 and zero gradients.
+    """
+    total = sum(count_fn(b) for b in window)
+    denom = max(total, 1)
+    device = _model_device(model)
+    loss_sum = torch.zeros((), device=device)
+    counted = torch.zeros((), dtype=torch.long, device=device)
+    for batch in window:
+        with autocast():
+            part, n = loss_fn(model, _to_device(batch, device))
+        loss = part / denom
+        if loss.requires_grad:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += part.detach().float()
+        counted += n
+    if int(counted) != total:  # one host sync per window
+        raise ValueError(
+            f"the loss function counted {int(counted)} trainable units but count_fn {total}; "
+            "pass train(count_fn=...) that counts what the loss sums over"
+        )
+    return WindowStats(loss=float(loss_sum) / denom, tokens=total)
+
+
+def _grad_norm(params: list[Tensor], max_norm: float) -> float:
+    """Total gradient norm before clipping; clips to `max_norm` when it is > 0."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[Tensor],
+    *,
+    max_grad_norm: float,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[float, bool]:
+    """Unscale, clip, step optimizer and scheduler; returns (grad_norm, applied).
+
+    Nothing is applied (and the schedule does not advance) when the gradient is not
+    finite: the grad scaler's overflow under fp16, a NaN/inf gradient otherwise.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = _grad_norm(params, max_grad_norm)
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        applied = scaler.get_scale() >= scale
+    else:
+        applied = math.isfinite(norm)
+        if applied:
+            optimizer.step()
+    if applied:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, applied
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _batches_of(
+    data: BatchSource | Sequence[dict] | Iterable[Batch], batch_size: int, pad_id: int
+) -> Iterable[Batch]:
+    """Evaluation batches from a BatchSource (one epoch), examples, or ready batches."""
+    if isinstance(data, BatchSource):
+        return data.epoch_batches(0)
+    if isinstance(data, Sequence) and data and not isinstance(data[0]["input_ids"], Tensor):
+        return BatchSource(data, batch_size, pad_id=pad_id, shuffle=False).epoch_batches(0)
+    return data
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    data: BatchSource | Sequence[dict] | Iterable[Batch],
+    loss_fn: LossFn,
+    max_batches: int | None = None,
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """Token-weighted validation loss and its perplexity: {"val_loss", "val_ppl"}."""
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    total, count = 0.0, 0
+    try:
+        for i, batch in enumerate(_batches_of(data, batch_size, pad_id)):
+            if max_batches is not None and i >= max_batches:
+                break
+            part, n = loss_fn(model, _to_device(batch, device))
+            total, count = total + float(part), count + int(n)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation data has no positions with labels")
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 700 else float("inf")}
+
+
+def make_eval_fn(
+    data: BatchSource | Sequence[dict] | Iterable[Batch],
+    loss_fn: LossFn,
+    max_batches: int | None = None,
+    **kwargs: Any,
+) -> EvalFn:
+    """An `eval_fn` for `train` that reports validation loss and perplexity on `data`."""
+    return lambda model: evaluate_loss(model, data, loss_fn, max_batches, **kwargs)
+
+
+# ---------------------------------------------------------------- signals
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM ask the loop to stop after the current step.
+
+    A second signal aborts at once (KeyboardInterrupt). Handlers are only installed in the
+    main thread (Python allows no other) and are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting")
+        self.received = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\nllamaforge: {name} received: finishing this step and saving a checkpoint "
+            "(send it again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _window(source: Iterator[Batch], n: int) -> list[Batch]:
+    """The next `n` micro-batches (fewer only if a finite source runs out)."""
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(source))
+        except StopIteration:
+            break
+    return out
+
+
+class _Loop:
+    """State of one `train` call; each method is one phase of a step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        source: BatchSource,
+        loss_fn: LossFn,
+        cfg: TrainConfig,
+        out_dir: Path,
+        *,
+        eval_fn: EvalFn | None,
+        objects: Mapping[str, Stateful] | None,
+        count_fn: CountFn,
+        main: bool,
+    ) -> None:
+        self.model, self.source, self.loss_fn, self.cfg = model, source, loss_fn, cfg
+        self.out_dir, self.eval_fn, self.objects = out_dir, eval_fn, objects or {}
+        self.count_fn, self.main = count_fn, main
+        self.device = _model_device(model)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.total_steps = cfg.max_steps or source.total_steps(cfg.epochs, cfg.optim.grad_accum)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.scaler = self._make_scaler()
+        self.ckpt_dir = self.out_dir / CHECKPOINT_DIR
+        # Loop state that checkpoints carry (see `_extra`).
+        self.step, self.tokens_seen, self.skipped, self.bad_streak = 0, 0, 0, 0
+        self.best_val: float | None = None
+        self.evals_without_gain = 0
+        self.result = TrainResult(step=0, stop_reason="completed", out_dir=self.out_dir)
+        self._interval = [0.0, 0, time.perf_counter()]  # loss sum, tokens, start time
+        self.bar_postfix: dict[str, str] = {}
+        self.logger = MetricsLogger(out_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
+
+    def _make_scaler(self) -> torch.amp.GradScaler | None:
+        if self.precision != "fp16":
+            return None
+        if any(p.dtype == torch.float16 for p in self.params):
+            raise ValueError(
+                "precision fp16 needs float32 trainable weights (the grad scaler cannot "
+                "unscale fp16 gradients); load the model in float32 or use precision bf16"
+            )
+        return torch.amp.GradScaler(self.device.type)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward pass's precision context."""
+        return autocast_context(self.precision, self.device)
+
+    # -- checkpoints
+
+    def _extra(self) -> dict[str, Any]:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped,
+            "bad_streak": self.bad_streak,
+            "best_val_loss": self.best_val,
+            "evals_without_gain": self.evals_without_gain,
+            "total_steps": self.total_steps,
+            "precision": self.precision,
+        }
+
+    def resume(self) -> None:
+        """Seed, then restore the latest (or named) checkpoint unless resume is 'never'."""
+        seed_everything(self.cfg.seed)
+        path = self._resume_path()
+        if path is None:
+            return
+        ckpt = load_checkpoint(
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            objects=self.objects,
+        )
+        if ckpt.source_state is not None:
+            self.source.load_state_dict(ckpt.source_state)
+        self.step = ckpt.step
+        extra = ckpt.extra
+        self.tokens_seen, self.skipped = extra["tokens_seen"], extra["skipped_steps"]
+        self.bad_streak, self.best_val = extra["bad_streak"], extra["best_val_loss"]
+        self.evals_without_gain = extra["evals_without_gain"]
+        if extra.get("total_steps", self.total_steps) != self.total_steps:
+            warnings.warn(
+                f"resuming a run planned for {extra['total_steps']} steps with "
+                f"{self.total_steps}: the lr schedule changes shape from here",
+                stacklevel=2,
+            )
+        if self.main:
+            truncate_metrics(self.logger.path, self.step)
+            print(f"llamaforge: resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.ckpt_dir)
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint.resume: no checkpoint folder at {path}")
+        return path
+
+    def save(self) -> None:
+        """Write a checkpoint of the current step (main process only)."""
+        if not self.main or self.result.checkpoint == self._ckpt_path():
+            return
+        self.result.checkpoint = save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            trainable_state(self.model),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            source_state=self.source.state_dict(),
+            extra=self._extra(),
+            objects=self.objects,
+            keep=self.cfg.checkpoint.keep,
+        )
+
+    def _ckpt_path(self) -> Path:
+        return self.ckpt_dir / f"checkpoint-{self.step:08d}"
+
+    # -- one step
+
+    def train_step(self) -> bool:
+        """Accumulate one window and apply it; False if the step was skipped."""
+        window = _window(self.source, self.cfg.optim.grad_accum)
+        if not window:
+            raise RuntimeError("the batch source ran out before max_steps")
+        stats = accumulate_gradients(
+            self.model,
+            window,
+            self.loss_fn,
+            count_fn=self.count_fn,
+            autocast=self.autocast,
+            scaler=self.scaler,
+        )
+        if not math.isfinite(stats.loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip("nonfinite_loss", stats.loss)
+        lr = self.scheduler.get_last_lr()[0]
+        norm, applied = optimizer_step(
+            self.optimizer,
+            self.scheduler,
+            self.params,
+            max_grad_norm=self.cfg.optim.max_grad_norm,
+            scaler=self.scaler,
+        )
+        if not applied:
+            return self._skip("fp16_overflow" if self.scaler else "nonfinite_grad", norm)
+        self._after_step(stats, lr, norm)
+        return True
+
+    def _skip(self, reason: str, value: float) -> bool:
+        """Record a skipped window; raise after too many non-finite ones in a row."""
+        self.skipped += 1
+        counts = reason != "fp16_overflow"  # the scaler recalibrates; that is not divergence
+        self.bad_streak = self.bad_streak + 1 if counts else self.bad_streak
+        self.log({"kind": "event", "event": "skip", "reason": reason, "value": str(value)})
+        limit = self.cfg.optim.max_nonfinite_steps
+        if counts and self.bad_streak >= limit:
+            raise NonFiniteLossError(
+                f"{reason.replace('_', ' ')} ({value}) in {self.bad_streak} windows in a row "
+                f"after step {self.step}; none of them was applied. Lower optim.lr, use "
+                f"precision bf16 instead of fp16, or check the data (optim.max_nonfinite_steps"
+                f"={limit})"
+            )
+        return False
+
+    def _after_step(self, stats: WindowStats, lr: float, norm: float) -> None:
+        """Advance counters and log the step."""
+        self.step += 1
+        self.bad_streak = 0
+        self.tokens_seen += stats.tokens
+        self.result.losses.append(stats.loss)
+        self._interval[0] += stats.loss * max(stats.tokens, 1)
+        self._interval[1] += stats.tokens
+        if self.step % self.cfg.logging.every == 0:
+            self._log_train(lr, norm)
+
+    def _log_train(self, lr: float, norm: float) -> None:
+        """Log the interval since the last record; tokens are trainable (labelled) ones."""
+        loss_sum, tokens, start = self._interval
+        now = time.perf_counter()
+        record = {
+            "kind": "train",
+            "loss": loss_sum / max(tokens, 1),
+            "lr": lr,
+            "grad_norm": norm,
+            "tokens": tokens,
+            "tokens_per_s": tokens / max(now - start, 1e-9),
+            "tokens_seen": self.tokens_seen,
+            "epoch": round(self.source.progress, 4),
+            "skipped_steps": self.skipped,
+        }
+        self._interval = [0.0, 0, now]
+        self.log(record)
+        self.bar_postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}"}
+        self.bar_postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Log a record stamped with the current step."""
+        self.logger.log({"step": self.step, **record})
+
+    # -- evaluation and stopping
+
+    def evaluate(self) -> bool:
+        """Run eval_fn; returns True when early stopping says stop."""
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                metrics = {k: float(v) for k, v in self.eval_fn(self.model).items()}
+        finally:
+            self.model.train()
+        self.result.last_eval = metrics
+        self.log({"kind": "eval", **metrics})
+        return self._early_stop(metrics)
+
+    def _early_stop(self, metrics: Mapping[str, float]) -> bool:
+        patience = self.cfg.eval.patience
+        if "val_loss" not in metrics:
+            if patience is not None:
+                raise ValueError("eval.patience needs eval_fn to return 'val_loss'")
+            return False
+        val = float(metrics["val_loss"])
+        if self.best_val is None or val < self.best_val - self.cfg.eval.min_delta:
+            self.best_val, self.evals_without_gain = val, 0
+        else:
+            self.evals_without_gain += 1
+        return patience is not None and self.evals_without_gain >= patience
+
+    def due(self, every: int | None) -> bool:
+        """Whether a periodic action with period `every` falls on this step."""
+        return every is not None and self.step % every == 0
+
+
+def train(
+    model: nn.Module,
+    *,
+    source: BatchSource,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    eval_fn: EvalFn | None = None,
+    state: Mapping[str, Stateful] | None = None,
+    count_fn: CountFn = count_label_tokens,
+    is_main: bool | None = None,
+) -> TrainResult:
+    """Train `model` on micro-batches from `source`, minimising `loss_fn` (sum, count).
+
+    Resumes from `out_dir/checkpoints` per cfg.checkpoint.resume; `state` holds extra
+    objects (value heads, reference stats...) saved and restored with every checkpoint.
+    Only the main process (`is_main`, default: rank 0) writes files.
+    """
+    validate(cfg)
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "gradient_checkpointing"):
+            raise ValueError(f"{type(model).__name__} has no gradient_checkpointing switch")
+        model.gradient_checkpointing = True
+    main = is_main_process() if is_main is None else is_main
+    loop = _Loop(
+        model,
+        source,
+        loss_fn,
+        cfg,
+        Path(out_dir),
+        eval_fn=eval_fn,
+        objects=state,
+        count_fn=count_fn,
+        main=main,
+    )
+    try:
+        loop.resume()
+        _run(loop)
+    finally:
+        loop.logger.close()
+        loop.result.step, loop.result.skipped_steps = loop.step, loop.skipped
+        loop.result.best_val_loss = loop.best_val
+    if main and cfg.logging.plot:
+        plot_losses(read_metrics(loop.logger.path), loop.out_dir / "loss.png")
+    return loop.result
+
+
+def _run(loop: _Loop) -> None:
+    """Steps until max_steps, early stopping or a stop signal; then eval and save."""
+    cfg = loop.cfg
+    if loop.step >= loop.total_steps:
+        return
+    loop.model.train()
+    bar = tqdm(
+        total=loop.total_steps,
+        initial=loop.step,
+        disable=not (cfg.logging.progress and loop.main),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    evaluated_at = -1
+    with StopSignals() as signals, bar:
+        while loop.step < loop.total_steps:
+            if loop.train_step():
+                bar.update(1)
+                bar.set_postfix(loop.bar_postfix, refresh=False)
+                if loop.eval_fn is not None and loop.due(cfg.eval.every):
+                    evaluated_at = loop.step
+                    if loop.evaluate():
+                        loop.result.stop_reason = "early_stop"
+                        loop.log({"kind": "event", "event": "early_stop"})
+                        break
+                if loop.due(cfg.checkpoint.every):
+                    loop.save()
+            if signals.received is not None:
+                loop.result.stop_reason = "signal"
+                loop.log({"kind": "event", "event": "signal", "signal": signals.received})
+                loop.save()
+                return
+        if loop.eval_fn is not None and evaluated_at != loop.step:
+            loop.evaluate()
+        loop.save()
