@@ -11,7 +11,10 @@ from pathlib import Path
 MODEL_HELP = "a Hugging Face folder, a .gguf file, or the built-in name smollm2-135m-instruct"
 
 
-class UserError(Exception):
+_USER_ERRORS = {"ConfigError", "TemplateError", "DataError", "AdapterError", "NonFiniteLossError"}
+
+
+class UserError(ValueError):
     """An error caused by the user's input: printed as one line, exit code 2."""
 
 
@@ -59,6 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="write a Hugging Face folder (weights, config, tokenizer)")
     _add_model_args(v)
     v.add_argument("out_dir")
+
+    t = sub.add_parser("train", help="train per a YAML config (stages pt, sft)")
+    t.add_argument("config", help="YAML file")
+    t.add_argument("overrides", nargs="*", help="key=value (dotted keys: optim.lr=1e-4)")
+
+    e = sub.add_parser("eval", help="validation loss/perplexity and generation metrics")
+    e.add_argument("config", help="YAML file (the data and model to evaluate)")
+    e.add_argument("overrides", nargs="*", help="key=value")
+    e.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
+
+    m = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base, save HF")
+    _add_model_args(m)
+    m.add_argument("adapter_dir")
+    m.add_argument("out_dir")
+    for q in (g, c):
+        q.add_argument(
+            "--adapter",
+            action="append",
+            default=[],
+            metavar="[NAME=]DIR",
+            help="load a PEFT LoRA adapter (repeatable; first one active unless --use)",
+        )
+        q.add_argument("--use", default=None, help="adapter NAME to use ('none' = base)")
+    g.add_argument(
+        "--row-adapters",
+        default=None,
+        help="comma list, one adapter NAME (or none) per --prompt, in one batched call",
+    )
     return parser
 
 
@@ -80,7 +111,30 @@ def _sampling(args: argparse.Namespace, tok) -> object:
 def _load(args: argparse.Namespace):
     from .io.load import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    adapters = getattr(args, "adapter", None) or []
+    if adapters:
+        _load_adapters(model, adapters, getattr(args, "use", None))
+    return model, tok
+
+
+def _load_adapters(model, specs: list[str], use: str | None) -> None:
+    """Load `[NAME=]DIR` adapters; activate `use` (or the first; 'none' = base)."""
+    from .adapters.lora import set_adapter
+    from .io.peft import load_peft_adapter
+
+    names = []
+    for i, spec in enumerate(specs):
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = (Path(spec).name or f"adapter{i}"), spec
+        if not Path(path).is_dir():
+            raise UserError(f"--adapter {spec}: no such adapter folder")
+        load_peft_adapter(model, path, adapter_name=name, activate=False)
+        names.append(name)
+    if use is not None and use != "none" and use not in names:
+        raise UserError(f"--use {use}: not one of the loaded adapters {names}")
+    set_adapter(model, None if use == "none" else (use or names[0]))
 
 
 def _stream(model, tok, ids: list[int], params) -> list[int]:
@@ -100,7 +154,6 @@ def _stream(model, tok, ids: list[int], params) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Complete one or more prompts; a single prompt streams to the terminal."""
     from .data.templates import render_conversation
-    from .model.generate import generate
 
     model, tok = _load(args)
     prompts = []
@@ -115,13 +168,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             prompts.append(tok.encode(text, bos=tok.bos_id is not None and tok.add_bos))
     params = _sampling(args, tok)
-    if len(prompts) == 1:
+    if args.row_adapters is None and len(prompts) == 1:
         _stream(model, tok, prompts[0], params)
         return 0
-    outs = generate(model, prompts, params, decode=tok.decode)
+    outs = _generate_rows(model, prompts, params, tok, args.row_adapters)
     for text, out in zip(args.prompt, outs, strict=True):
         print(json.dumps({"prompt": text, "completion": tok.decode(out)}))
     return 0
+
+
+def _generate_rows(model, prompts, params, tok, row_adapters: str | None) -> list[list[int]]:
+    """One batched call; with row_adapters each row runs its own adapter (or none)."""
+    from .adapters.lora import row_adapters as rows_ctx
+    from .model.generate import generate
+
+    if row_adapters is None:
+        return generate(model, prompts, params, decode=tok.decode)
+    names = [None if n.strip() in ("", "none") else n.strip() for n in row_adapters.split(",")]
+    if len(names) != len(prompts):
+        raise UserError(f"--row-adapters has {len(names)} names for {len(prompts)} prompts")
+    try:
+        with rows_ctx(model, names):
+            return generate(model, prompts, params, decode=tok.decode)
+    except KeyError as e:
+        raise UserError(f"--row-adapters: unknown adapter {e}") from None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -183,24 +253,80 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from .config import load_config
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    return load_config(path, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run a training config; print a JSON summary (metrics before/after) on stdout."""
+    from .train.recipe import run
+
+    summary = run(_config(args))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a model (optionally with an adapter) on a config's held-out data."""
+    from .train.recipe import evaluate_run
+
+    cfg = _config(args)
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise UserError(f"--adapter {args.adapter}: no such adapter folder")
+    print(json.dumps(evaluate_run(cfg, args.adapter), indent=1))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge an adapter into its base (dequantising a QLoRA base first); save HF."""
+    from .data.tokenizer import save_tokenizer
+    from .io.hf import save_hf
+    from .train.recipe import merge_adapter
+
+    if not Path(args.adapter_dir).is_dir():
+        raise UserError(f"{args.adapter_dir}: no such adapter folder")
+    args.dtype = args.dtype or "float32"
+    model, tok = _load(args)
+    merged = merge_adapter(model, Path(args.adapter_dir))
+    save_hf(merged, args.out_dir)
+    save_tokenizer(tok, args.out_dir)
+    print(f"wrote {args.out_dir}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "perplexity": cmd_perplexity,
     "convert": cmd_convert,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "merge": cmd_merge,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    from .model.config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.verb](args)
-    except (UserError, ConfigError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
+        if not _is_user_error(e):
+            raise
         print(f"llamaforge {args.verb}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors about the user's input (they name file:line, key or path): one line, exit 2."""
+    if isinstance(e, UserError | FileNotFoundError | NotADirectoryError):
+        return True
+    return any(c.__name__ in _USER_ERRORS for c in type(e).__mro__)
 
 
 if __name__ == "__main__":

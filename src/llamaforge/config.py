@@ -84,6 +84,7 @@ class DataConfig:
     text_key: str = "text"
     system: str | None = None
     val_path: str | None = None
+    max_words: int | None = _f(None, AT_LEAST_1)  # chitchat_topic: dialogue cut (default 350)
 
 
 @dataclass

@@ -86,6 +86,7 @@ class DataSpec:
     text_key: str = "text"
     system: str | None = None
     val_path: str | None = None
+    max_words: int | None = None
 
 
 @dataclass
@@ -261,7 +262,7 @@ def load_rows(s: DataSpec) -> tuple[list[Row], str, Counter]:
     """Rows of the source (and val_path), the resolved format, and filtered-row counts."""
     filtered: Counter = Counter()
     if s.path == chitchat.NAME:
-        rows, filtered = chitchat.read_chitchat(s.format)
+        rows, filtered = chitchat.read_chitchat(s.format, max_words=s.max_words)
         fmt = "messages"
     else:
         rows = sources.read_rows(s.path, columns=s.columns)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..model.config import ConfigError, LlamaConfig, RopeScaling
 from ..model.llama import Llama
+from .atomic import write_dir_atomic
 
 INDEX_NAME = "model.safetensors.index.json"
 _SUPPORTED_ARCH = {"LlamaForCausalLM", "MistralForCausalLM"}
@@ -249,9 +248,8 @@ def save_hf(
         for k, v in model.state_dict().items()
         if not (model.cfg.tie_embeddings and k == "lm_head.weight")
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         shards = _shards(sd, max_shard_bytes)
         meta = {"format": "pt"}
         if len(shards) == 1:
@@ -267,19 +265,5 @@ def save_hf(
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         config = config_to_hf(model.cfg, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():  # keep other files (tokenizer) the caller put there
-            for f in out.iterdir():
-                if (tmp / f.name).exists() or f.suffix == ".safetensors" or f.name == INDEX_NAME:
-                    continue
-                copy = shutil.copytree if f.is_dir() else shutil.copy2
-                copy(f, tmp / f.name)
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(out, write, lambda name: name.endswith(".safetensors") or name == INDEX_NAME)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from torch import nn
 from ..adapters.inject import layer_index
 from ..adapters.lora import LoRALinear, adapter_names, check_adapters, lora_modules, set_adapter
 from ..adapters.nf4 import NF4Linear
+from .atomic import write_dir_atomic
 from .hf import hf_to_ours, ours_to_hf
 
 CONFIG_NAME = "adapter_config.json"
@@ -187,25 +186,8 @@ def _target_spec(model: nn.Module, adapted: list[str]) -> tuple[list[str], list[
 
 
 def _write_dir_atomic(out: Path, write: Callable[[Path], None], replaces: set[str]) -> None:
-    """Build the folder in a temporary sibling, keep the old folder's other files, rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if not out.exists():
-            tmp.rename(out)
-            return
-        for f in out.iterdir():  # e.g. a README or tokenizer the caller put there
-            if f.name not in replaces and not (tmp / f.name).exists():
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Build the folder beside `out` and swap it in, keeping other files already there."""
+    write_dir_atomic(out, write, replaces.__contains__)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -24,7 +24,10 @@ MEGABATCH = 64  # length grouping sorts within windows of this many batches
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    """Right-pad examples into LongTensors (B, T): input_ids, labels, [positions, doc_ids]."""
+    """Right-pad examples into LongTensors (B, T): input_ids, labels, [positions, doc_ids].
+
+    Also `seq_lens` (B,): each row's unpadded length, for counting real tokens.
+    """
     if not examples:
         raise ValueError("collate: no examples")
     keys = list(examples[0])
@@ -45,6 +48,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
                 )
             t[row, : len(values)] = torch.as_tensor(values, dtype=torch.long)
         out[key] = t
+    out["seq_lens"] = torch.tensor([len(ex["input_ids"]) for ex in examples])  # (B,) real
     return out
 
 

@@ -111,6 +111,7 @@ class WindowStats:
 
     loss: float
     tokens: int
+    inputs: int = 0  # real (non-pad) input tokens of the window
 
 
 def accumulate_gradients(
@@ -144,7 +145,8 @@ def accumulate_gradients(
             f"the loss function counted {int(counted)} trainable units but count_fn {total}; "
             "pass train(count_fn=...) that counts what the loss sums over"
         )
-    return WindowStats(loss=float(loss_sum) / denom, tokens=total)
+    inputs = sum(int(b["seq_lens"].sum()) for b in window if "seq_lens" in b)
+    return WindowStats(loss=float(loss_sum) / denom, tokens=total, inputs=inputs)
 
 
 def _grad_norm(params: list[Tensor], max_norm: float) -> float:
@@ -335,6 +337,7 @@ class _Loop:
         self.evals_without_gain = 0
         self.result = TrainResult(step=0, stop_reason="completed", out_dir=self.out_dir)
         self._interval = [0.0, 0, time.perf_counter()]  # loss sum, tokens, start time
+        self._inputs = 0  # real input tokens since the last record
         self.bar_postfix: dict[str, str] = {}
         self.logger = MetricsLogger(out_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
 
@@ -482,6 +485,7 @@ class _Loop:
         self.result.losses.append(stats.loss)
         self._interval[0] += stats.loss * max(stats.tokens, 1)
         self._interval[1] += stats.tokens
+        self._inputs += stats.inputs
         if self.step % self.cfg.logging.every == 0:
             self._log_train(lr, norm)
 
@@ -496,14 +500,15 @@ class _Loop:
             "grad_norm": norm,
             "tokens": tokens,
             "tokens_per_s": tokens / max(now - start, 1e-9),
+            "input_tokens_per_s": self._inputs / max(now - start, 1e-9),
             "tokens_seen": self.tokens_seen,
             "epoch": round(self.source.progress, 4),
             "skipped_steps": self.skipped,
         }
-        self._interval = [0.0, 0, now]
+        self._interval, self._inputs = [0.0, 0, now], 0
         self.log(record)
         self.bar_postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}"}
-        self.bar_postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        self.bar_postfix["tok/s"] = f"{record['input_tokens_per_s']:.0f}"
 
     def log(self, record: dict[str, Any]) -> None:
         """Log a record stamped with the current step."""

@@ -1,0 +1,59 @@
+"""Write a whole output folder atomically: build it beside the target, then rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp makes 0700 folders; give the result the usual permissions under the umask."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def write_dir_atomic(
+    out: str | os.PathLike, write: Callable[[Path], None], replaces: Callable[[str], bool]
+) -> Path:
+    """Fill a temporary sibling with `write(tmp)`, then swap it in for `out`.
+
+    Files already in `out` that `write` did not produce and `replaces(name)` does not
+    claim (e.g. a tokenizer or README put there by the caller) are carried over. An
+    interrupted write never leaves a half-written folder where a good one was.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            for f in out.iterdir():
+                if not replaces(f.name) and not (tmp / f.name).exists():
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        _normal_permissions(tmp)
+        if not out.exists():
+            tmp.rename(out)
+            return out
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+        return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

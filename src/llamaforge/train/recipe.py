@@ -1,0 +1,220 @@
+"""Continued pretraining (`pt`) and supervised fine-tuning (`sft`): one thin recipe.
+
+Both minimise next-token loss on labelled positions; they differ only in the data
+(raw text, loss everywhere, vs rendered conversations, loss on responses). The recipe
+wires config -> model + method -> data -> the shared loop -> outputs + evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.inject import apply_freeze, apply_lora, parameter_counts
+from ..config import RunConfig, save_resolved
+from ..data.pipeline import DatasetSplits, build_dataset
+from ..data.tokenizer import Tokenizer, save_tokenizer
+from ..eval.generation import evaluate_generation
+from ..io.hf import save_hf
+from ..io.load import load_model, pick_device
+from ..io.peft import save_peft_adapter
+from ..losses import chunked_causal_lm_loss_fn
+from .batches import BatchSource
+from .loop import make_eval_fn, resolve_precision, train
+
+METHOD_FILE = "llamaforge_method.json"  # beside a saved adapter: how its base was held
+
+
+def log(msg: str) -> None:
+    """Progress messages go to stderr so stdout stays machine-readable."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def base_dtype(method: str, precision: str) -> torch.dtype:
+    """Frozen base weights in the compute dtype; trained full weights stay fp32 (autocast)."""
+    if method == "full" or precision == "fp32":
+        return torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def apply_method(model: nn.Module, cfg: RunConfig, compute_dtype: torch.dtype) -> nn.Module:
+    """Make only what the method trains trainable (LoRA / QLoRA modules swapped in here)."""
+    if cfg.method in ("lora", "qlora"):
+        lo, q = cfg.lora, cfg.qlora
+        return apply_lora(
+            model,
+            r=lo.r,
+            alpha=lo.alpha,
+            dropout=lo.dropout,
+            targets=lo.targets,
+            rslora=lo.rslora,
+            quantize_base=cfg.method == "qlora",
+            double_quant=q.double_quant,
+            blocksize=q.blocksize,
+            compute_dtype=compute_dtype,
+            lora_dtype=torch.float32,
+        )
+    if cfg.method == "freeze":
+        layers = cfg.freeze.train_layers or ([] if cfg.freeze.train_modules else [-2, -1])
+        return apply_freeze(model, layers or None, cfg.freeze.train_modules or None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def load_data(cfg: RunConfig, tok: Tokenizer) -> DatasetSplits:
+    """Build the splits; continued pretraining reads raw text unless told otherwise."""
+    data = cfg.data
+    if cfg.stage == "pt" and data.format == "auto":
+        data = replace(data, format="text")
+    splits = build_dataset(data, tok)
+    log(splits.report.summary())
+    if not splits.train:
+        raise ValueError(f"data.path {cfg.data.path!r}: no training examples after loading")
+    return splits
+
+
+def eval_items(cfg: RunConfig, splits: DatasetSplits) -> list[dict]:
+    """Held-out prompts for generation metrics: the test split, else validation."""
+    items = splits.eval_items.get("test") or splits.eval_items.get("validation") or []
+    return list(items[: cfg.eval.generate.max_examples])
+
+
+def generation_scores(
+    model: nn.Module, tok: Tokenizer, cfg: RunConfig, items: list[dict], desc: str
+) -> dict[str, Any] | None:
+    """Exact match / ROUGE-L on held-out items, or None when there is nothing to score."""
+    if cfg.stage != "sft" or not items:
+        return None
+    report = evaluate_generation(
+        model, tok, items, max_new_tokens=cfg.eval.generate.max_new_tokens, desc=desc
+    )
+    return report.to_dict()
+
+
+def save_outputs(model: nn.Module, tok: Tokenizer, cfg: RunConfig, out: Path) -> Path:
+    """Adapters in PEFT's format (lora/qlora) or a full Hugging Face folder (full/freeze)."""
+    if cfg.method in ("lora", "qlora"):
+        path = save_peft_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
+        method = {"method": cfg.method, **vars(cfg.qlora)} if cfg.method == "qlora" else {}
+        (path / METHOD_FILE).write_text(json.dumps(method or {"method": cfg.method}))
+        return path
+    path = out / "model"
+    save_hf(model, path)
+    save_tokenizer(tok, path)
+    return path
+
+
+def _cached_json(path: Path, compute) -> Any:
+    """Reuse a result a previous (resumed) run already wrote."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    if value is not None:
+        path.write_text(json.dumps(value, indent=1))
+    return value
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train per `cfg`, save the result, and report loss and generation metrics."""
+    out = Path(cfg.output_dir)
+    save_resolved(cfg, out)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    dtype = base_dtype(cfg.method, precision)
+    model, tok = load_model(cfg.model, device=device, dtype=dtype)
+    splits = load_data(cfg, tok)
+    items = eval_items(cfg, splits)
+    before = _cached_json(
+        out / "eval_before.json",
+        lambda: generation_scores(model, tok, cfg, items, "eval before"),
+    )
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    apply_method(model, cfg, compute)
+    trainable, total = parameter_counts(model)
+    log(f"{cfg.method}: training {trainable:,} of {total:,} parameters on {device} ({precision})")
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    source = BatchSource(splits.train, cfg.optim.batch_size, pad_id=pad, seed=cfg.seed)
+    loss_fn = chunked_causal_lm_loss_fn
+    eval_fn = None
+    if splits.validation:
+        eval_fn = make_eval_fn(
+            splits.validation,
+            loss_fn,
+            cfg.eval.max_batches,
+            batch_size=cfg.optim.batch_size,
+            pad_id=pad,
+        )
+    result = train(
+        model, source=source, loss_fn=loss_fn, cfg=cfg.train_config(), out_dir=out, eval_fn=eval_fn
+    )
+    saved = save_outputs(model, tok, cfg, out)
+    after = generation_scores(model, tok, cfg, items, "eval after")
+    summary = {
+        "output": str(saved),
+        "steps": result.step,
+        "stop_reason": result.stop_reason,
+        "final_train_loss": result.losses[-1] if result.losses else None,
+        "validation": result.last_eval,
+        "before": before["scores"] if before else None,
+        "after": after["scores"] if after else None,
+    }
+    (out / "eval.json").write_text(json.dumps({**summary, "samples_after": after}, indent=1))
+    return {**summary, "sample": (after or {}).get("samples", [None])[0]}
+
+
+def merge_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Fold an adapter into the base; a QLoRA adapter's base is quantised as in training."""
+    from ..adapters.inject import merge_lora, quantize_linears
+    from ..io.peft import load_peft_adapter
+
+    meta_path = adapter_dir / METHOD_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("method") == "qlora":
+        # The adapter learned against the NF4-rounded base: merge onto that same base.
+        quantize_linears(
+            model,
+            blocksize=meta.get("blocksize", 64),
+            double_quant=meta.get("double_quant", True),
+            compute_dtype=torch.float32,
+        )
+    load_peft_adapter(model, adapter_dir)
+    return merge_lora(model)
+
+
+def evaluate_run(cfg: RunConfig, adapter: str | None = None) -> dict[str, Any]:
+    """Validation loss/perplexity and generation metrics of a model (+ adapter) on cfg.data."""
+    from ..io.peft import load_peft_adapter
+    from .loop import evaluate_loss
+
+    device = pick_device(cfg.device)
+    dtype = base_dtype("lora", resolve_precision(cfg.precision, device))
+    model, tok = load_model(cfg.model, device=device, dtype=dtype)
+    if adapter:
+        load_peft_adapter(model, adapter)
+    splits = load_data(cfg, tok)
+    held_out = splits.validation or splits.test
+    result: dict[str, Any] = {"model": cfg.model, "adapter": adapter}
+    if held_out:
+        pad = tok.pad_id if tok.pad_id is not None else 0
+        result.update(
+            evaluate_loss(
+                model,
+                held_out,
+                chunked_causal_lm_loss_fn,
+                cfg.eval.max_batches,
+                batch_size=cfg.optim.batch_size,
+                pad_id=pad,
+            )
+        )
+    gen = generation_scores(model, tok, cfg, eval_items(cfg, splits), "eval")
+    if gen:
+        result.update(gen["scores"])
+        result["sample"] = gen["samples"][0]
+    return result
