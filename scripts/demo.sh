@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job: set up, then run the bundled SmolLM2-135M-Instruct on a chat prompt.
+# The main job: set up, then LoRA-fine-tune the bundled SmolLM2-135M-Instruct on chitchat
+# dialogue -> topic and report held-out exact match / ROUGE-L before and after.
+# Extra arguments are config overrides, e.g. `bash scripts/demo.sh max_steps=60`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-llamaforge generate smollm2-135m-instruct --chat --max-new-tokens 64 \
-  --prompt "${PROMPT:-What are three good ways to start a conversation with a stranger?}"
+llamaforge train configs/demo.yaml "$@"

@@ -111,6 +111,17 @@ def save_outputs(model: nn.Module, tok: Tokenizer, cfg: RunConfig, out: Path) ->
     return path
 
 
+def report_line(before: dict, after: dict) -> str:
+    """Human summary of held-out generation metrics before and after training."""
+    b, a = before["scores"], after["scores"]
+    sample = after["samples"][0]
+    return (
+        f"held-out ({len(after['samples'])} items): exact match {b['exact_match']:.1%} -> "
+        f"{a['exact_match']:.1%}, ROUGE-L {b['rouge_l']:.3f} -> {a['rouge_l']:.3f}\n"
+        f"sample: reference {sample['reference']!r}\n        answer    {sample['prediction']!r}"
+    )
+
+
 def _cached_json(path: Path, compute) -> Any:
     """Reuse a result a previous (resumed) run already wrote."""
     if path.is_file():
@@ -166,6 +177,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "after": after["scores"] if after else None,
     }
     (out / "eval.json").write_text(json.dumps({**summary, "samples_after": after}, indent=1))
+    if before and after:
+        log(report_line(before, after))
     return {**summary, "sample": (after or {}).get("samples", [None])[0]}
 
 
