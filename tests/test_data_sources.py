@@ -166,3 +166,15 @@ def test_rows_are_json_values():
     rows = read_rows(FIX / "messages.jsonl")
     assert json.loads(json.dumps(rows[1].data)) == rows[1].data
     assert rows[1].data["messages"][0]["role"] == "system"
+
+
+def test_plain_text_paragraphs_keep_their_line(tmp_path):
+    from llamaforge.data.sources import read_rows
+
+    p = tmp_path / "book.txt"
+    p.write_bytes(b"First line.\nStill first.\n\n\nSecond \xff para.\n\nThird.\n")
+    rows = read_rows(p)
+    assert [r.where for r in rows] == [f"{p}:1", f"{p}:5", f"{p}:7"]
+    assert rows[0].data == {"text": "First line.\nStill first."} and rows[0].error is None
+    assert rows[1].error is not None and "0xff" in rows[1].error.detail
+    assert rows[2].data == {"text": "Third."}

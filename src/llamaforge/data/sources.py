@@ -36,7 +36,7 @@ INVALID_CSV = "invalid CSV row"
 INVALID_CONVERSATION = "invalid conversation"
 ZERO_TRAINABLE = "zero trainable tokens"
 
-SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow")
+SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".md")
 _PRESET_SPLITS = {
     "test": "test",
     "validation": "validation",
@@ -146,7 +146,24 @@ def _read_file(p: Path) -> list[Row]:
         return _read_parquet(p)
     if suffix == ".arrow":
         return _table_rows(_read_arrow(p), str(p))
+    if suffix in (".txt", ".md"):
+        return _read_text(p, _read_bytes(p))
     raise DataError(str(p), "unsupported file type", f"use one of {', '.join(SUFFIXES)}")
+
+
+def _read_text(p: Path, data: bytes) -> list[Row]:
+    """Plain text: one {"text"} row per paragraph (blank-line separated), line of its start."""
+    rows, start, lines = [], 1, []
+    for n, raw in enumerate([*data.split(b"\n"), b""], start=1):
+        if raw.strip():
+            start = start if lines else n
+            lines.append(raw)
+            continue
+        if lines:
+            text, error = _decode_line(b"\n".join(lines))
+            rows.append(Row({} if error else {"text": text}, f"{p}:{start}", error=error))
+            lines = []
+    return rows
 
 
 def _read_bytes(p: Path) -> bytes:
