@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .llama import KVCache, Llama, padded_causal_mask
 
@@ -49,6 +50,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings may not contain an empty string")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -210,6 +213,10 @@ def _cut_at_stop_string(tokens: list[int], decode: Decode, stops: Sequence[str])
 
 # ----------------------------------------------------------------------------- the loop
 
+# cuDNN attention builds a new graph for every key length, i.e. every decode step (~2 ms per
+# layer on an H100); the flash / memory-efficient kernels need no such set-up.
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 
 def _prefill(model: Llama, batch: _Batch, cache: KVCache) -> torch.Tensor:
     """Run the prompts through the model into the cache; float32 logits (B, V) of the last one."""
@@ -217,10 +224,10 @@ def _prefill(model: Llama, batch: _Batch, cache: KVCache) -> torch.Tensor:
     if batch.padded:
         positions = (batch.key_ok[:, :p].cumsum(-1) - 1).clamp_min(0)  # (B, P), 0 at 1st real
         mask = padded_causal_mask(batch.key_ok[:, :p], p, 0)  # (B, 1, P, P)
-        logits = model(batch.ids, positions=positions, mask=mask, cache=cache)
+        hidden = model.hidden_states(batch.ids, positions=positions, mask=mask, cache=cache)
     else:
-        logits = model(batch.ids, cache=cache)  # plain causal: SDPA's fast path
-    return logits[:, -1].float()
+        hidden = model.hidden_states(batch.ids, cache=cache)  # plain causal: SDPA's fast path
+    return model.lm_head(hidden[:, -1]).float()  # only the last position: (B, V)
 
 
 def _step(
@@ -233,6 +240,21 @@ def _step(
     return logits[:, -1].float()
 
 
+def _sampling_state(
+    model: Llama, batch: _Batch, params: SamplingParams
+) -> tuple[torch.Generator | None, torch.Tensor | None]:
+    """The seeded generator (if a seed is given) and the seen-token mask (if penalising)."""
+    gen = None
+    if params.seed is not None:
+        gen = torch.Generator(device=batch.ids.device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = _seen_tokens(batch, model.cfg.vocab_size)
+    return gen, seen
+
+
+@torch.inference_mode()
+@sdpa_kernel(_DECODE_BACKENDS)
 def _run(
     model: Llama,
     prompts: Sequence[Sequence[int]],
@@ -242,40 +264,32 @@ def _run(
     keep_logits: bool = False,
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """generate() that also returns the float32 logits (B, V) of every step when asked."""
-    n = params.max_new_tokens
+    n, pad_id = params.max_new_tokens, model.cfg.pad_id or 0
     rows = _Rows(params, decode, on_token, [[] for _ in prompts])
-    device, pad_id = model.device, model.cfg.pad_id or 0
-    batch = _left_pad(prompts, pad_id, n, device)
+    batch = _left_pad(prompts, pad_id, n, model.device)
     if n == 0:
         return rows.out, []
-    cache = KVCache(model.cfg, len(prompts), batch.prompt_len + n, dtype=model.dtype, device=device)
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(params.seed)
-    penalise = params.repetition_penalty != 1.0
-    seen = _seen_tokens(batch, model.cfg.vocab_size) if penalise else None
+    b, max_len = len(prompts), batch.prompt_len + n
+    cache = KVCache(model.cfg, b, max_len, dtype=model.dtype, device=model.device)
+    gen, seen = _sampling_state(model, batch, params)
     logits = _prefill(model, batch, cache)
-    positions = batch.lens.clone()
+    positions = batch.lens.clone()  # (B,) position of the token fed next
     history: list[torch.Tensor] = []
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(n):
         if keep_logits:
             history.append(logits)
         tokens = sample_next(logits, params, seen, gen)  # (B,)
-        finished = rows.accept(tokens.tolist())
-        if finished or step == n - 1:
+        if rows.accept(tokens.tolist()) or step == n - 1:
             break
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         if any(rows.done):  # frozen rows keep feeding a pad; their output has ended
-            done = torch.tensor(rows.done, device=device)
-            tokens = tokens.masked_fill(done, pad_id)
+            tokens = tokens.masked_fill(torch.tensor(rows.done, device=model.device), pad_id)
         logits = _step(model, tokens, positions, batch, cache)
         positions += 1
     return rows.out, history
 
 
-@torch.inference_mode()
 def generate(
     model: Llama,
     prompts: Sequence[Sequence[int]],
