@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -113,3 +114,30 @@ def test_missing_model_is_one_line_exit_2(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no such file or folder" in err
+
+
+def test_chat_streams_and_keeps_history(base_dir, monkeypatch, capsys):
+    lines = iter(["Add 1 and 1.", "/reset", "Add 2 and 2.", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    assert main(["chat", str(base_dir), "--template", "chatml", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("assistant> ") == 2
+
+
+def test_perplexity_prints_one_json_line(base_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The sum is 2. The sum is 4. " * 20)
+    assert main(["perplexity", str(base_dir), str(text), "--window", "32"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(line)
+    assert set(res) == {"tokens", "nll", "perplexity"} and res["tokens"] > 32
+    assert abs(res["perplexity"] - math.exp(res["nll"])) < 1e-6 * res["perplexity"]
+
+
+def test_eval_with_adapter(tmp_path, base_dir, capsys):
+    cfg = _config(tmp_path, base_dir, "lora", optim={"lr": 0.05, "batch_size": 2})
+    assert main(["train", str(cfg), "logging.plot=false", "logging.tensorboard=false"]) == 0
+    capsys.readouterr()
+    adapter = str(tmp_path / "lora" / "adapter")
+    assert main(["eval", str(cfg), "data.val_size=0.2", "--adapter", adapter]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["adapter"] == adapter and math.isfinite(res["val_loss"]) and "exact_match" in res
