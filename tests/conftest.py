@@ -23,7 +23,7 @@ def smol(smol_path):
 
 
 @pytest.fixture(scope="session")
-def smol_ref(smol_path):
+def smol_ref(smol_path, smol_hf_tok):
     """transformers' own load of the same GGUF file (the independent reference)."""
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -33,3 +33,32 @@ def smol_ref(smol_path):
         str(smol_path.parent), gguf_file=smol_path.name
     )
     return model.eval(), tok
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models run fastest (and deterministically) on one thread; the real model uses all."""
+    if request.node.get_closest_marker("real"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smol_tok(smol_path):
+    """llamaforge's tokenizer read from the bundled GGUF."""
+    from llamaforge.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(smol_path)
+
+
+@pytest.fixture(scope="session")
+def smol_hf_tok(smol_path):
+    """transformers' tokenizer built from the same GGUF (the reference)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(
+        str(smol_path.parent), gguf_file=smol_path.name
+    )

@@ -29,15 +29,6 @@ from tests.test_loop import make_examples
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and deterministically) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dropout_loss_fn(model, batch):
     """Causal-LM loss with dropout on the logits, so the torch RNG shapes every loss."""
     logits = F.dropout(model(batch["input_ids"]), p=0.2, training=model.training)

