@@ -1,0 +1,817 @@
+"""Training throughput: llamaforge against its peers, side by side on one GPU.
+
+One invocation trains llamaforge and the baselines (transformers + peft; + Liger kernels;
++ bitsandbytes for QLoRA; Unsloth) on the same shape, batch, sequence length, LoRA rank,
+alpha and targets, each in its own process: randomly initialised weights, random token ids
+with labels = inputs, gradient checkpointing (non-reentrant), AdamW (fused on CUDA) with
+gradient clipping at 1.0. Each stack reports tokens/s (median step time over the timed
+steps after the warm-up steps), the peak allocated memory of its training steps, and the
+first step's loss (random init: all should be near ln(vocab)). The table adds model-FLOPs
+utilisation against the datasheet bf16 peak and against a bf16 matmul ceiling measured on
+the same GPU, and llamaforge / baseline ratios. A stack whose package is missing is
+reported as skipped. Results also go to JSON (--out).
+
+    python benchmarks/train_throughput.py --workload lora8b --out lora8b.json
+    python benchmarks/train_throughput.py --workload qlora8b --out qlora8b.json
+    python benchmarks/train_throughput.py --workload full1b --out full1b.json   # batch 4
+    python benchmarks/train_throughput.py --bs 1 --seq 16384 --stacks llamaforge,unsloth
+    python benchmarks/train_throughput.py --shape tiny --steps 3 --warmup 1     # CPU test
+
+Workloads are `<method><size>` (lora8b, qlora8b, full1b, lora1b, lora3b, ...) or
+`<method>:<preset>` for any llamaforge preset (lora:smollm2-360m). `--shape tiny` keeps the
+method but swaps in a small model and 128 tokens, so the whole script runs on a CPU (fp32,
+foreach AdamW, one torch thread per child, MFU "n/a") in well under a minute as a smoke
+test; its speeds mean nothing.
+
+Stacks: llamaforge, hf (transformers + peft), hf-liger (+ Liger kernels), hf-bnb and
+hf-bnb-liger (+ bitsandbytes NF4 + double quantisation: the QLoRA workload's HF stacks;
+there `hf` means `hf-bnb`), unsloth. bitsandbytes and Unsloth load weights from disk, so
+for them the script first saves the random model (and a small tokenizer Unsloth needs) to a
+temporary folder, once per run.
+
+Model FLOPs per token (as BASELINES.md): c*N + 12*L*T*d_attn, where N counts the matmul
+weights (blocks and lm_head, not the embedding lookup), c = 4 for LoRA/QLoRA (forward plus
+input-gradient backward through the frozen base) and 6 for full fine-tuning, and attention
+is counted non-causal (QK^T and AV: 4*L*T*d_attn forward, twice that backward).
+Recomputation from checkpointing and the LoRA matrices are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+RESULT_TAG = "RESULT "
+DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SIZES = {"8b": "llama3.1-8b", "3b": "llama3.2-3b", "1b": "llama3.2-1b"}
+DEFAULT_BS = {"lora": 2, "qlora": 2, "full": 4}
+LR = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
+TINY = {"preset": "tiny-llama3", "dim": 128, "ffn_dim": 352, "vocab_size": 512, "seq": 128}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A contender: what it needs installed, and what it is called in the table."""
+
+    label: str
+    modules: tuple[str, ...] = ()
+    liger: bool = False
+    bnb: bool = False
+    needs_dir: bool = False
+
+
+STACKS = {
+    "llamaforge": Stack("llamaforge"),
+    "hf": Stack("transformers + peft", ("transformers", "peft")),
+    "hf-liger": Stack("+ Liger kernels", ("transformers", "peft", "liger_kernel"), liger=True),
+    "hf-bnb": Stack(
+        "transformers + peft + bitsandbytes", ("transformers", "peft", "bitsandbytes"), bnb=True
+    ),
+    "hf-bnb-liger": Stack(
+        "+ bitsandbytes + Liger",
+        ("transformers", "peft", "bitsandbytes", "liger_kernel"),
+        liger=True,
+        bnb=True,
+    ),
+    "unsloth": Stack("Unsloth", ("unsloth",), needs_dir=True),
+}
+DEFAULT_STACKS = "llamaforge,hf,hf-liger,unsloth"
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Spec:
+    """Everything a child needs to train its stack; travels as JSON on the command line."""
+
+    workload: str
+    method: str  # lora | qlora | full
+    preset: str
+    overrides: dict[str, Any]
+    bs: int
+    seq: int
+    steps: int
+    warmup: int
+    rank: int
+    model_dir: str | None = None
+    threads: int | None = None  # torch CPU threads in the children (None: torch's default)
+    hf_config: dict[str, Any] = field(default_factory=dict)
+
+
+def ensure_llamaforge() -> None:
+    """Make `import llamaforge` work from a plain checkout too."""
+    if importlib.util.find_spec("llamaforge") is None:
+        sys.path.insert(0, str(SRC))
+
+
+def parse_workload(name: str) -> tuple[str, str]:
+    """'lora8b' -> ('lora', 'llama3.1-8b'); 'full:smollm2-360m' -> ('full', 'smollm2-360m')."""
+    m = re.fullmatch(r"(lora|qlora|full)(?::(.+)|(\d+b))", name)
+    if not m or (m.group(3) and m.group(3) not in SIZES):
+        sizes = ", ".join(SIZES)
+        raise SystemExit(
+            f"--workload {name!r}: use <lora|qlora|full><size> (sizes {sizes}) "
+            "or <method>:<llamaforge preset>"
+        )
+    return m.group(1), m.group(2) or SIZES[m.group(3)]
+
+
+def make_spec(args: argparse.Namespace) -> Spec:
+    """The run's shape: the workload's preset, or a tiny one keeping its tied embeddings."""
+    ensure_llamaforge()
+    from llamaforge.model.presets import PRESETS
+
+    method, preset_name = parse_workload(args.workload)
+    if preset_name not in PRESETS:
+        raise SystemExit(f"--workload: unknown preset {preset_name!r}")
+    overrides: dict[str, Any] = {}
+    seq = args.seq or 2048
+    if args.shape == "tiny":
+        tie = PRESETS[preset_name].get("tie_embeddings", False)
+        preset_name = TINY["preset"]
+        overrides = {k: TINY[k] for k in ("dim", "ffn_dim", "vocab_size")}
+        overrides["tie_embeddings"] = tie
+        seq = args.seq or TINY["seq"]
+        overrides["max_seq_len"] = max(seq, 256)
+    bs = args.bs or DEFAULT_BS[method]
+    spec = Spec(
+        args.workload, method, preset_name, overrides, bs, seq, args.steps, args.warmup, args.rank
+    )
+    spec.hf_config = hf_config(spec)
+    spec.threads = args.threads or (1 if args.shape == "tiny" else None)
+    return spec
+
+
+def model_config(spec: Spec):
+    """llamaforge's LlamaConfig of the run's shape."""
+    ensure_llamaforge()
+    from llamaforge.model.presets import preset
+
+    return preset(spec.preset, **spec.overrides)
+
+
+def hf_config(spec: Spec) -> dict[str, Any]:
+    """The same shape as a transformers LlamaConfig dict (llamaforge's own exporter)."""
+    from llamaforge.io.hf import config_to_hf
+
+    d = config_to_hf(model_config(spec))
+    d.pop("torch_dtype", None)
+    return d
+
+
+def matmul_params(cfg) -> int:
+    """Weights that take part in matmuls: attention + MLP of every block, and lm_head."""
+    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = 3 * cfg.dim * cfg.ffn_dim
+    return cfg.n_layers * (attn + mlp) + cfg.vocab_size * cfg.dim
+
+
+def flops_per_token(spec: Spec) -> dict[str, float]:
+    """Model FLOPs per trained token and its parts (see the module docstring)."""
+    cfg = model_config(spec)
+    n = matmul_params(cfg)
+    dense = (6 if spec.method == "full" else 4) * n
+    attention = 12 * cfg.n_layers * spec.seq * cfg.n_heads * cfg.head_dim
+    return {"total": dense + attention, "dense": dense, "attention": attention, "N": n}
+
+
+# ----------------------------------------------------------------------------- children
+
+
+class Skip(Exception):
+    """The stack cannot run here (package missing or not applicable)."""
+
+
+def need(module: str) -> Any:
+    """Import a stack's package, or skip the stack with the reason."""
+    if importlib.util.find_spec(module) is None:
+        raise Skip(f"{module} is not installed")
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # e.g. Unsloth refusing a machine without a GPU
+        raise Skip(f"import {module} failed: {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def versions(*names: str) -> dict[str, str]:
+    """Installed versions of the given distributions (those that are installed)."""
+    out = {}
+    for name in ("torch", *names):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules in `dtype`, then restore the default (fp32) for everything after."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def synchronize(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(dev: torch.device) -> dict[str, float | None]:
+    if dev.type != "cuda":
+        return {"peak_alloc_gb": None, "peak_reserved_gb": None}
+    return {
+        "peak_alloc_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+    }
+
+
+def adamw(params: list[torch.Tensor], lr: float, dev: torch.device) -> torch.optim.AdamW:
+    """The baselines' optimizer: torch AdamW, fused on CUDA, foreach elsewhere."""
+    kind = {"fused": True} if dev.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **kind)
+
+
+def optimizer_update(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """Clip to 1.0, step, clear: the same for every stack."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@dataclass
+class Trainee:
+    """A ready-to-train stack: `step(ids)` runs one optimizer step and returns the loss."""
+
+    step: Callable[[torch.Tensor], torch.Tensor]
+    trainable: int
+    notes: str
+
+
+def measure(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) -> dict[str, Any]:
+    """Warm-up then timed steps on fresh random tokens; peak memory over all of them."""
+    gen = torch.Generator(device=dev).manual_seed(1)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(spec.warmup + spec.steps):
+        ids = torch.randint(0, vocab, (spec.bs, spec.seq), device=dev, generator=gen)
+        synchronize(dev)
+        start = time.perf_counter()
+        loss = trainee.step(ids)
+        synchronize(dev)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    step_s = statistics.median(times[spec.warmup :])
+    return {
+        "tokens_per_s": spec.bs * spec.seq / step_s,
+        "step_s_median": step_s,
+        "step_times_s": times,  # warm-up steps first
+        **peak_memory(dev),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses_finite": all(x == x and abs(x) != float("inf") for x in losses),
+        "trainable_params": trainee.trainable,
+        "notes": trainee.notes,
+    }
+
+
+def init_like_hf(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Normal(0, 0.02) matrices like transformers' init, so first-step losses compare."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std)
+
+
+def llamaforge_trainee(spec: Spec, dev: torch.device) -> Trainee:
+    """llamaforge as its recipe sets it up: base dtype, method, loss, optimizer, autocast."""
+    ensure_llamaforge()
+    from llamaforge.adapters.inject import apply_lora, parameter_counts
+    from llamaforge.config import OptimConfig
+    from llamaforge.losses import chunked_causal_lm_loss_fn
+    from llamaforge.model.llama import Llama
+    from llamaforge.train.loop import autocast_context, resolve_precision
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.recipe import base_dtype
+
+    precision = resolve_precision("auto", dev)
+    dtype = base_dtype(spec.method, precision)
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.device(dev), default_dtype(dtype):
+        model = Llama(model_config(spec))
+    init_like_hf(model)
+    if spec.method == "full":
+        model.requires_grad_(True)
+    else:
+        apply_lora(
+            model,
+            r=spec.rank,
+            alpha=spec.rank,
+            targets=TARGETS,
+            quantize_base=spec.method == "qlora",
+            double_quant=True,
+            compute_dtype=compute,
+            lora_dtype=torch.float32,
+        )
+    model.gradient_checkpointing = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, OptimConfig(lr=LR[spec.method]))
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        with autocast_context(precision, dev):
+            loss_sum, n = chunked_causal_lm_loss_fn(model, {"input_ids": ids, "labels": ids})
+        loss = loss_sum / n
+        loss.backward()
+        optimizer_update(opt, params)
+        return loss.detach()
+
+    notes = {
+        "lora": f"{dtype_name(dtype)} base, fp32 LoRA",
+        "qlora": f"llamaforge NF4+DQ base, {dtype_name(compute)} compute, fp32 LoRA",
+        "full": f"{dtype_name(dtype)} master weights + AdamW states"
+        + (f", {precision} autocast" if precision != "fp32" else ""),
+    }[spec.method]
+    return Trainee(step, parameter_counts(model)[0], notes + "; chunked CE")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def hf_model(spec: Spec, stack: Stack, dev: torch.device, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM: built in place from the config, or NF4 from disk."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if stack.bnb:
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        return AutoModelForCausalLM.from_pretrained(
+            spec.model_dir,
+            quantization_config=quant,
+            dtype=dtype,
+            device_map={"": 0 if dev.type == "cuda" else "cpu"},
+            attn_implementation="sdpa",
+        )
+    config = LlamaConfig(**spec.hf_config)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.to(dev)
+
+
+def hf_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
+    """transformers + peft as hf_baseline.py measured it (bf16 weights, peft LoRA)."""
+    if stack.bnb != (spec.method == "qlora"):
+        raise Skip("bitsandbytes 4-bit is the QLoRA workload's HF stack only")
+    for module in stack.modules:
+        if module != "peft" or spec.method != "full":
+            need(module)
+    if stack.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = hf_model(spec, stack, dev, dtype)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.method != "full":
+        from peft import LoraConfig, get_peft_model
+
+        model.enable_input_require_grads()
+        lora = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.rank,
+            lora_dropout=0.0,
+            target_modules=list(TARGETS),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    model.train()
+    notes = {
+        "lora": f"{dtype_name(dtype)} base, peft LoRA",
+        "qlora": f"bnb NF4+DQ base, {dtype_name(dtype)} compute, peft LoRA",
+        "full": f"{dtype_name(dtype)} weights and AdamW states",
+    }[spec.method]
+    return loss_output_trainee(model, spec, dev, notes)
+
+
+def loss_output_trainee(model, spec: Spec, dev: torch.device, notes: str) -> Trainee:
+    """A transformers-style model (`model(input_ids, labels).loss`) with torch AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = adamw(params, LR[spec.method], dev)
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer_update(opt, params)
+        return loss.detach()
+
+    return Trainee(step, sum(p.numel() for p in params), notes)
+
+
+def unsloth_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
+    """Unsloth as unsloth_baseline.py measured it (its offloaded checkpointing for LoRA)."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    need("unsloth")  # before transformers: Unsloth patches it on import
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=spec.model_dir,
+        max_seq_length=spec.seq,
+        dtype=torch.bfloat16,
+        load_in_4bit=spec.method == "qlora",
+        full_finetuning=spec.method == "full",
+    )
+    if spec.method == "full":
+        model.gradient_checkpointing_enable()
+    else:
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=spec.rank,
+            lora_alpha=spec.rank,
+            lora_dropout=0,
+            bias="none",
+            target_modules=list(TARGETS),
+            use_gradient_checkpointing="unsloth",
+            random_state=0,
+            max_seq_length=spec.seq,
+        )
+    FastLanguageModel.for_training(model)
+    notes = {"lora": "bf16 base", "qlora": "bnb NF4 base", "full": "bf16 weights"}[spec.method]
+    return loss_output_trainee(model, spec, dev, notes + ", Unsloth kernels")
+
+
+TRAINEES = {"llamaforge": lambda spec, stack, dev: llamaforge_trainee(spec, dev)}
+TRAINEES.update({name: hf_trainee for name in STACKS if name.startswith("hf")})
+TRAINEES["unsloth"] = unsloth_trainee
+MODULE_VERSIONS = ("llamaforge", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth")
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def train_child(name: str, spec: Spec) -> dict[str, Any]:
+    """Set one stack up, train it, report; skips and out-of-memory become results."""
+    dev = device()
+    start = time.perf_counter()
+    try:
+        trainee = TRAINEES[name](spec, STACKS[name], dev)
+        setup_s = time.perf_counter() - start
+        result = measure(trainee, spec, spec.hf_config["vocab_size"], dev)
+    except Skip as e:
+        return {"skipped": str(e)}
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        return {"error": "out of memory", **peak_memory(dev)}
+    return {"setup_s": setup_s, **result, "versions": versions(*MODULE_VERSIONS)}
+
+
+def ceiling_child(_spec: Spec) -> dict[str, Any]:
+    """bf16 8192^3 matmul throughput on random data (median of CUDA-event timings)."""
+    if not torch.cuda.is_available():
+        return {"device": f"CPU ({os.cpu_count()} cores)", "ceiling_tflops": None}
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    tflops = 2 * n**3 / statistics.median(times) / 1e12
+    return {"device": torch.cuda.get_device_name(), "ceiling_tflops": tflops}
+
+
+def write_tokenizer(folder: str) -> None:
+    """A small byte-level BPE tokenizer: Unsloth insists on finding one beside the weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|bos|>", "<|eos|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["a random model for a throughput benchmark"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[2]
+    )
+    fast.save_pretrained(folder)
+
+
+def make_dir_child(spec: Spec) -> dict[str, Any]:
+    """Save a random transformers model of the shape (bf16 on GPU) and a tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dev = device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**spec.hf_config), dtype=dtype)
+    model.save_pretrained(spec.model_dir, max_shard_size="5GB")
+    write_tokenizer(spec.model_dir)
+    return {"saved": spec.model_dir}
+
+
+def child_main(name: str, spec: Spec) -> None:
+    """Run one job and print its result as the last line: `RESULT {json}`."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    jobs = {"ceiling": ceiling_child, "make-dir": make_dir_child}
+    result = jobs[name](spec) if name in jobs else train_child(name, spec)
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def run_child(name: str, spec: Spec, timeout: float, verbose: bool) -> dict[str, Any]:
+    """This script in a fresh process for one job; crashes become results with stderr's tail."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run(
+            cmd + ["--spec", json.dumps(asdict(spec))],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if verbose:
+        sys.stderr.write(proc.stderr)
+    return child_result(proc)
+
+
+def child_result(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1][len(RESULT_TAG) :])
+    tail = proc.stderr[-2000:]
+    if "out of memory" in tail.lower():
+        return {"error": "out of memory", "stderr_tail": tail}
+    last = ([ln for ln in tail.splitlines() if ln.strip()] or ["(no stderr)"])[-1]
+    rc = proc.returncode
+    status = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+    return {"error": f"{status}: {last[:160]}", "stderr_tail": tail}
+
+
+def resolve_stacks(names: str, method: str) -> list[str]:
+    """Known stack names in order, without repeats; under QLoRA `hf*` means `hf-bnb*`."""
+    out = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        if name not in STACKS:
+            raise SystemExit(f"--stacks: unknown stack {name!r}; known: {', '.join(STACKS)}")
+        if method == "qlora" and name.startswith("hf") and "bnb" not in name:
+            name = name.replace("hf", "hf-bnb", 1)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def needs_model_dir(stacks: list[str], method: str) -> bool:
+    """Save weights only for stacks that load from disk and whose packages are installed."""
+    for name in stacks:
+        stack = STACKS[name]
+        on_disk = stack.needs_dir or (stack.bnb and method == "qlora")
+        if on_disk and all(importlib.util.find_spec(m) for m in stack.modules):
+            return True
+    return False
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_all(spec: Spec, stacks: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The ceiling, then each stack in turn; the model folder lives only for this run."""
+    log("measuring the matmul ceiling ...")
+    env = run_child("ceiling", spec, args.timeout, args.verbose)
+    results: dict[str, Any] = {}
+    made = None
+    if spec.model_dir is None and needs_model_dir(stacks, spec.method):
+        made = spec.model_dir = tempfile.mkdtemp(prefix="lf-bench-", dir=args.tmp_dir)
+        log(f"saving a random model for the from-disk stacks to {made} ...")
+        saved = run_child("make-dir", spec, args.timeout, args.verbose)
+        if "error" in saved:
+            results["make-dir"] = saved
+    try:
+        for name in stacks:
+            log(f"training {name} ...")
+            results[name] = run_child(name, spec, args.timeout, args.verbose)
+            log(f"  {name}: {summary(results[name])}")
+    finally:
+        if made and not args.keep_model_dir:
+            shutil.rmtree(made, ignore_errors=True)
+    return {"environment": env, "results": results}
+
+
+def summary(r: dict[str, Any]) -> str:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    if "error" in r:
+        return f"error: {r['error']}"
+    mem = r.get("peak_alloc_gb")
+    return f"{r['tokens_per_s']:,.0f} tokens/s" + (f", {mem} GB" if mem is not None else "")
+
+
+def add_mfu(report: dict[str, Any], peak_tflops: float) -> None:
+    """MFU of every trained stack against the datasheet peak and the measured ceiling."""
+    flops = report["flops_per_token"]["total"]
+    ceiling = report["environment"].get("ceiling_tflops")
+    on_gpu = ceiling is not None
+    for r in report["results"].values():
+        if "tokens_per_s" in r:
+            achieved = flops * r["tokens_per_s"] / 1e12
+            r["model_tflops"] = achieved
+            r["mfu_datasheet"] = achieved / peak_tflops if on_gpu else None
+            r["mfu_ceiling"] = achieved / ceiling if on_gpu else None
+
+
+def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """llamaforge / baseline for tokens/s (> 1: faster) and peak memory (< 1: leaner)."""
+    ours = results.get("llamaforge", {})
+    if "tokens_per_s" not in ours:
+        return {}
+    out = {}
+    for name, r in results.items():
+        if name in ("llamaforge", "make-dir") or "tokens_per_s" not in r:
+            continue
+        mem = None
+        if ours.get("peak_alloc_gb") and r.get("peak_alloc_gb"):
+            mem = ours["peak_alloc_gb"] / r["peak_alloc_gb"]
+        out[name] = {"tokens_per_s": ours["tokens_per_s"] / r["tokens_per_s"], "peak_alloc": mem}
+    return out
+
+
+def si(x: float, unit: str = "FLOP") -> str:
+    """3.32e10 -> '33.24 GFLOP'."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def fmt(x: float | None, spec: str, na: str = "n/a") -> str:
+    return na if x is None else format(x, spec)
+
+
+def row(name: str, r: dict[str, Any], method: str) -> str:
+    label = name
+    if name.startswith(("hf", "unsloth")):
+        kind = STACKS[name].label
+        label = f"{name} ({kind.replace(' + peft', '') if method == 'full' else kind})"
+    if "tokens_per_s" not in r:
+        why = f"skipped: {r['skipped']}" if "skipped" in r else f"**{r['error']}**"
+        why = why.replace("|", "/")
+        mem = f" (peak {r['peak_alloc_gb']} GB)" if r.get("peak_alloc_gb") else ""
+        return f"| {label} | {why}{mem} | | | | | | | |"
+    cells = [
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['step_s_median']:.3f}",
+        fmt(r["peak_alloc_gb"], ".1f"),
+        fmt(r["peak_reserved_gb"], ".1f"),
+        fmt(r["mfu_datasheet"], ".1%"),
+        fmt(r["mfu_ceiling"], ".1%"),
+        f"{r['loss_first']:.3f}",
+        r["notes"],
+    ]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def heading(report: dict[str, Any]) -> list[str]:
+    s, f, env = report["spec"], report["flops_per_token"], report["environment"]
+    ceiling = env.get("ceiling_tflops")
+    lora = f", LoRA r{s['rank']} alpha {s['rank']} on {','.join(TARGETS)}"
+    return [
+        f"## {s['workload']}: {s['preset']} {s['method']}, batch {s['bs']} x {s['seq']}"
+        + (lora if s["method"] != "full" else ""),
+        "",
+        f"device: {env.get('device', '?')}; bf16 matmul ceiling (8192^3): "
+        f"{fmt(ceiling, ',.0f')} TFLOP/s; datasheet {report['peak_tflops']:.0f} TFLOP/s; "
+        f"median of {s['steps']} steps after {s['warmup']} warm-up",
+        f"model FLOPs/token: {si(f['total'])} = {f['dense'] / f['N']:.0f}N "
+        f"(N = {si(f['N'], '')}) + attention {si(f['attention'])} (non-causal)"
+        + (
+            f"; limit at the ceiling {ceiling * 1e12 / f['total']:,.0f} tokens/s" if ceiling else ""
+        ),
+        f"first-step loss of a random model should be near ln(vocab) = {report['ln_vocab']:.3f}",
+        "",
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = heading(report) + [
+        "| stack | tokens/s | step s | peak alloc GB | peak reserved GB | MFU vs datasheet "
+        "| MFU vs ceiling | first loss | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    method = report["spec"]["method"]
+    lines += [row(name, r, method) for name, r in report["results"].items()]
+    if report["ratios"]:
+        lines += [
+            "",
+            "llamaforge / baseline (tokens/s: > 1 is faster; peak allocated: < 1 is leaner)",
+            "",
+            "| baseline | tokens/s ratio | peak memory ratio |",
+            "|---|---|---|",
+        ]
+        for name, q in report["ratios"].items():
+            lines.append(f"| {name} | {q['tokens_per_s']:.2f}x | {fmt(q['peak_alloc'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--workload", default="lora8b", help="lora8b, qlora8b, full1b, <method>:<preset>"
+    )
+    p.add_argument("--stacks", default=DEFAULT_STACKS, help=f"comma list of {', '.join(STACKS)}")
+    p.add_argument("--bs", type=int, default=None, help="default: 4 for full, else 2")
+    p.add_argument("--seq", type=int, default=None, help="default: 2048 (tiny: 128)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
+    p.add_argument("--shape", "--shape-override", choices=["full", "tiny"], default="full")
+    p.add_argument("--peak-tflops", type=float, default=DATASHEET_TFLOPS, help="datasheet bf16")
+    p.add_argument("--out", type=Path, help="write the report as JSON here")
+    p.add_argument("--model-dir", help="reuse a saved random model (bitsandbytes, Unsloth)")
+    p.add_argument("--keep-model-dir", action="store_true", help="do not delete the saved model")
+    p.add_argument("--tmp-dir", help="where to save the random model (default: system temp)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per child (tiny: 1)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    p.add_argument("--verbose", action="store_true", help="show the children's stderr")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, Spec(**json.loads(args.spec)))
+    spec = make_spec(args)
+    spec.model_dir = args.model_dir
+    stacks = resolve_stacks(args.stacks, spec.method)
+    report: dict[str, Any] = {
+        "spec": asdict(spec),
+        "peak_tflops": args.peak_tflops,
+        "flops_per_token": flops_per_token(spec),
+        "ln_vocab": math.log(spec.hf_config["vocab_size"]),
+        **run_all(spec, stacks, args),
+    }
+    add_mfu(report, args.peak_tflops)
+    report["ratios"] = ratios(report["results"])
+    print(markdown(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+        log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
