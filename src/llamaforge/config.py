@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .kernels import Kernels
 from .model.config import ConfigError as _BaseConfigError
 
 
@@ -130,6 +131,9 @@ class OptimConfig:
     batch_size: int = _f(8, AT_LEAST_1)
     grad_accum: int = _f(1, AT_LEAST_1)
     max_nonfinite_steps: int = _f(5, AT_LEAST_1)
+    # full/freeze in bf16: fp32 master weights + AdamW states (16 bytes/param), or bf16
+    # weights and states with stochastically rounded updates (8 bytes/param)
+    master_dtype: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -180,6 +184,7 @@ class TrainConfig:
     seed: int = _f(0, NON_NEGATIVE)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     activation_checkpointing: bool = False
+    activation_offload: bool = False  # checkpointed layer inputs kept in CPU memory (long ctx)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -201,6 +206,8 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str | None = _f(None, DEVICE)
     activation_checkpointing: bool = False
+    activation_offload: bool = False
+    kernels: Kernels = field(default_factory=Kernels)  # fused GPU kernels, each opt-out
     lora: LoraConfig = field(default_factory=LoraConfig)
     qlora: QloraConfig = field(default_factory=QloraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -430,6 +437,12 @@ def _cross_checks(cfg: RunConfig, origins: _Origins) -> None:
         raise origins.error("data.test_size", "keys 'data.val_size' + 'data.test_size' must be < 1")
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume.strip():
         raise origins.error("checkpoint.resume", "key 'checkpoint.resume': empty path")
+    if cfg.activation_offload and not cfg.activation_checkpointing:
+        raise origins.error(
+            "activation_offload",
+            "key 'activation_offload' needs 'activation_checkpointing: true' (it offloads "
+            "the checkpointed layer inputs)",
+        )
 
 
 def _resolve(raw: dict[str, Any], overrides: list[str] | None, origins: _Origins) -> RunConfig:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .model.llama import document_causal_mask
+from .kernels.fused_ce import fused_ce_sum
 
 IGNORE_INDEX = -100
 
@@ -37,13 +37,8 @@ def token_ce_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Any]:
-    """Keyword arguments for `Llama.forward`/`hidden_states`: positions and packed-row mask."""
-    kwargs: dict[str, Any] = {}
-    if "positions" in batch:
-        kwargs["positions"] = batch["positions"]
-    if "doc_ids" in batch:
-        kwargs["mask"] = document_causal_mask(batch["doc_ids"])  # (B, 1, T, T)
-    return kwargs
+    """Keyword arguments for `Llama.forward`/`hidden_states`: positions and packed-row ids."""
+    return {k: batch[k] for k in ("positions", "doc_ids") if k in batch}
 
 
 def causal_lm_loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -83,6 +78,13 @@ def chunked_ce_sum(
 def chunked_causal_lm_loss_fn(
     model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024
 ) -> tuple[Tensor, Tensor]:
-    """`causal_lm_loss_fn` computed from hidden states + lm_head in chunks over tokens."""
+    """`causal_lm_loss_fn` from hidden states + lm_head, never holding all logits at once.
+
+    With the model's `fused_ce` kernel on, each chunk's gradient is computed in the forward
+    pass (no recomputation of the head); otherwise chunks are checkpointed and recomputed.
+    """
     hidden = model.hidden_states(batch["input_ids"], **model_inputs(batch))  # (B, T, C)
+    kernels = getattr(model, "kernels", None)
+    if kernels is not None and kernels.fused_ce and type(model.lm_head) is nn.Linear:
+        return fused_ce_sum(hidden, model.lm_head, batch["labels"])
     return chunked_ce_sum(hidden, model.lm_head, batch["labels"], chunk_size)

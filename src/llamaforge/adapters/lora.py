@@ -116,7 +116,11 @@ class LoRALinear(nn.Module):
     def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """dropout(x) @ A^T @ B^T * scaling for one adapter: (..., in) -> (..., out)."""
         a, b = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x.to(a.dtype))
+        # Under autocast the matmuls run in its dtype anyway: casting x up first would only
+        # copy the activations twice.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        h = self.lora_dropout[name](x)
         return F.linear(F.linear(h, a), b) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import Kernels
+
 # NF4 levels: QLoRA's NormalFloat4 data type (Dettmers et al. 2023, appendix E).
 NF4_LEVELS = (
     -1.0,
@@ -184,6 +186,7 @@ class NF4Weight(nn.Module):
     def __init__(self, t: NF4Tensor) -> None:
         super().__init__()
         self.shape, self.blocksize = t.shape, t.blocksize
+        self.kernels = Kernels()
         self.register_buffer("packed", t.packed)
         self.register_buffer("absmax", t.absmax)
         self.register_buffer("absmax_scale", t.absmax_scale)
@@ -208,8 +211,10 @@ class NF4Weight(nn.Module):
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight (out, in)."""
-        return dequantize_nf4(self.tensor(), dtype)
+        """The float weight (out, in), through the Triton kernel on CUDA when enabled."""
+        from ..kernels.nf4_dequant import dequantize  # the kernel module imports this one
+
+        return dequantize(self.tensor(), dtype, self.kernels.nf4)
 
     def nbytes(self) -> int:
         """Bytes of the buffers (4 bits per weight plus block constants)."""

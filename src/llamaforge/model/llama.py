@@ -7,12 +7,18 @@ H query heads, K key/value heads, D head dim, C model width.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..kernels import Kernels, use_kernel
+from ..kernels.attention import varlen_attention, varlen_available
+from ..kernels.rmsnorm import rms_norm
+from ..kernels.rope import rope
+from ..kernels.swiglu import swiglu
 from .config import LlamaConfig, RopeScaling
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
@@ -26,12 +32,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels = Kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps, self.kernels.rmsnorm)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -61,13 +65,6 @@ def rope_cos_sin(
     freqs = positions.float()[..., None] * inv_freq.float()  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, T, D) by the tables; halves pair dimension i with i + D/2."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
 
 
 class KVCache:
@@ -101,6 +98,29 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Packed rows as variable-length sequences: cu_seqlens (N+1,) int32 over all B*T tokens.
+
+    Passed instead of a dense mask, so attention runs per document (flash varlen) and
+    packed examples never attend to each other without a (B, 1, T, T) mask.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    @classmethod
+    def from_doc_ids(cls, doc_ids: torch.Tensor) -> Segments:
+        """Segments of equal consecutive doc ids within each row of (B, T) doc_ids."""
+        b, t = doc_ids.shape
+        new = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T): a segment starts here
+        new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        starts = new.flatten().nonzero().flatten()
+        end = torch.tensor([b * t], device=doc_ids.device)
+        cu = torch.cat([starts, end]).to(torch.int32)
+        return cls(cu, int((cu[1:] - cu[:-1]).max()))
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA) through PyTorch SDPA."""
 
@@ -112,20 +132,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kernels = Kernels()
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Segments | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B,K,T,D)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope(q, k, cos, sin, self.kernels.rope)
+        if isinstance(mask, Segments):  # packed rows, no cache: (B*T, H, D) per document
+            out = varlen_attention(q, k, v, mask.cu_seqlens, mask.max_len)  # (B*T, H, D)
+            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
         gqa = {}
@@ -154,9 +178,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.kernels = Kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.kernels.swiglu))
 
 
 class Block(nn.Module):
@@ -192,6 +217,14 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.reset_rope()
         self.gradient_checkpointing = False
+        self.offload_activations = False  # with checkpointing: keep layer inputs in CPU memory
+        self.kernels = Kernels()
+
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Choose the fused kernels for this model and every module in it (build time)."""
+        for m in self.modules():
+            if hasattr(m, "kernels"):
+                m.kernels = kernels
 
     def reset_rope(self) -> None:
         """(Re)compute the RoPE inverse frequencies, e.g. after building on the meta device."""
@@ -220,30 +253,50 @@ class Llama(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C).
 
         positions: (B, T) absolute positions (default: cache.length + arange(T)).
         mask: bool (B, 1, T, S), True where a query may attend a key; None means causal.
+        doc_ids: (B, T) packed-example ids (instead of a mask): attention stays inside each
+        run of equal ids, through flash varlen attention on CUDA or a dense mask elsewhere.
         """
         b, t = input_ids.shape
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        if doc_ids is not None:
+            mask = self._packed_mask(doc_ids, cache)
         if mask is None and cache is not None and start > 0 and t > 1:  # one query sees all
             mask = causal_mask(t, start + t, start, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, mask, cache, use_reentrant=False
-                )
+                x = self._checkpointed(layer, x, cos, sin, mask, cache)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += t
         return self.norm(x)
+
+    def _packed_mask(self, doc_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor | Segments:
+        """Varlen segments where flash varlen attention runs, else the dense document mask."""
+        if (
+            cache is None
+            and use_kernel(self.kernels.varlen_attention, doc_ids)
+            and (varlen_available())
+        ):
+            return Segments.from_doc_ids(doc_ids)
+        return document_causal_mask(doc_ids)
+
+    def _checkpointed(self, layer: nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
+        """Run a block under activation checkpointing, its saved input in CPU memory if asked."""
+        if not self.offload_activations or x.device.type == "cpu":
+            return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
 
     def forward(
         self,
@@ -252,11 +305,13 @@ class Llama(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) in the weights' dtype."""
-        return self.lm_head(
-            self.hidden_states(input_ids, positions=positions, mask=mask, cache=cache)
+        hidden = self.hidden_states(
+            input_ids, positions=positions, mask=mask, cache=cache, doc_ids=doc_ids
         )
+        return self.lm_head(hidden)
 
 
 def causal_mask(t: int, s: int, offset: int, device: torch.device | str) -> torch.Tensor:

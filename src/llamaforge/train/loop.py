@@ -569,6 +569,7 @@ def train(
         if not hasattr(model, "gradient_checkpointing"):
             raise ValueError(f"{type(model).__name__} has no gradient_checkpointing switch")
         model.gradient_checkpointing = True
+        model.offload_activations = cfg.activation_offload
     main = is_main_process() if is_main is None else is_main
     loop = _Loop(
         model,

@@ -9,6 +9,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import OptimConfig
+from .bf16_adamw import StochasticBF16AdamW
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -30,10 +31,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `requires_grad` parameters; fused kernels when they all live on CUDA."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over `requires_grad` parameters; fused kernels when they all live on CUDA.
+
+    bf16 trainable weights (`optim.master_dtype: bf16`) get the stochastic-rounding AdamW.
+    """
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
+    if any(p.dtype == torch.bfloat16 for p in params):
+        return StochasticBF16AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     on_cuda = all(p.is_cuda and p.dtype.is_floating_point for p in params)
     kind = {"fused": True} if on_cuda else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)

@@ -36,10 +36,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def base_dtype(method: str, precision: str) -> torch.dtype:
-    """Frozen base weights in the compute dtype; trained full weights stay fp32 (autocast)."""
-    if method == "full" or precision == "fp32":
+def base_dtype(method: str, precision: str, master_dtype: str = "fp32") -> torch.dtype:
+    """Weights' dtype: frozen ones in the compute dtype, trained full ones fp32 or bf16.
+
+    Full fine-tuning keeps fp32 masters under autocast unless `master_dtype` is bf16 (with
+    precision bf16): then weights and AdamW states are bf16, updated by stochastic rounding.
+    """
+    if precision == "fp32":
         return torch.float32
+    if method == "full":
+        return torch.bfloat16 if master_dtype == "bf16" and precision == "bf16" else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
@@ -138,7 +144,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     save_resolved(cfg, out)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    dtype = base_dtype(cfg.method, precision)
+    dtype = base_dtype(cfg.method, precision, cfg.optim.master_dtype)
     model, tok = load_model(cfg.model, device=device, dtype=dtype)
     splits = load_data(cfg, tok)
     items = eval_items(cfg, splits)
@@ -148,6 +154,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     )
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     apply_method(model, cfg, compute)
+    model.set_kernels(cfg.kernels)
     trainable, total = parameter_counts(model)
     log(f"{cfg.method}: training {trainable:,} of {total:,} parameters on {device} ({precision})")
     pad = tok.pad_id if tok.pad_id is not None else 0
