@@ -15,6 +15,7 @@ reported as skipped. Results also go to JSON (--out).
     python benchmarks/train_throughput.py --workload qlora8b --out qlora8b.json
     python benchmarks/train_throughput.py --workload full1b --out full1b.json   # batch 4
     python benchmarks/train_throughput.py --bs 1 --seq 16384 --stacks llamaforge,unsloth
+    python benchmarks/train_throughput.py --workload lora8b --seqs 1024,2048,4096,8192,16384
     python benchmarks/train_throughput.py --shape tiny --steps 3 --warmup 1     # CPU test
 
 Workloads are `<method><size>` (lora8b, qlora8b, full1b, lora1b, lora3b, ...) or
@@ -54,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,8 @@ class Stack:
 
 STACKS = {
     "llamaforge": Stack("llamaforge"),
+    "llamaforge-plain": Stack("llamaforge, kernels off"),
+    "llamaforge-bf16": Stack("llamaforge, bf16 masters"),
     "hf": Stack("transformers + peft", ("transformers", "peft")),
     "hf-liger": Stack("+ Liger kernels", ("transformers", "peft", "liger_kernel"), liger=True),
     "hf-bnb": Stack(
@@ -311,11 +314,16 @@ def init_like_hf(model: torch.nn.Module, std: float = 0.02) -> None:
                 p.normal_(0.0, std)
 
 
-def llamaforge_trainee(spec: Spec, dev: torch.device) -> Trainee:
-    """llamaforge as its recipe sets it up: base dtype, method, loss, optimizer, autocast."""
+def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
+    """llamaforge as its recipe sets it up: base dtype, method, loss, optimizer, autocast.
+
+    Variants: `llamaforge-plain` turns every fused kernel off (the plain-PyTorch references);
+    `llamaforge-bf16` keeps full fine-tuning's weights and AdamW states in bf16.
+    """
     ensure_llamaforge()
     from llamaforge.adapters.inject import apply_lora, parameter_counts
     from llamaforge.config import OptimConfig
+    from llamaforge.kernels import Kernels
     from llamaforge.losses import chunked_causal_lm_loss_fn
     from llamaforge.model.llama import Llama
     from llamaforge.train.loop import autocast_context, resolve_precision
@@ -323,7 +331,8 @@ def llamaforge_trainee(spec: Spec, dev: torch.device) -> Trainee:
     from llamaforge.train.recipe import base_dtype
 
     precision = resolve_precision("auto", dev)
-    dtype = base_dtype(spec.method, precision)
+    master = "bf16" if stack.label == STACKS["llamaforge-bf16"].label else "fp32"
+    dtype = base_dtype(spec.method, precision, master)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     with torch.device(dev), default_dtype(dtype):
         model = Llama(model_config(spec))
@@ -341,6 +350,8 @@ def llamaforge_trainee(spec: Spec, dev: torch.device) -> Trainee:
             compute_dtype=compute,
             lora_dtype=torch.float32,
         )
+    plain = stack.label == STACKS["llamaforge-plain"].label
+    model.set_kernels(Kernels.none() if plain else Kernels())
     model.gradient_checkpointing = True
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -360,7 +371,8 @@ def llamaforge_trainee(spec: Spec, dev: torch.device) -> Trainee:
         "full": f"{dtype_name(dtype)} master weights + AdamW states"
         + (f", {precision} autocast" if precision != "fp32" else ""),
     }[spec.method]
-    return Trainee(step, parameter_counts(model)[0], notes + "; chunked CE")
+    kernels = "plain PyTorch, chunked CE" if plain else "Triton kernels, fused linear+CE"
+    return Trainee(step, parameter_counts(model)[0], f"{notes}; {kernels}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -475,7 +487,7 @@ def unsloth_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     return loss_output_trainee(model, spec, dev, notes + ", Unsloth kernels")
 
 
-TRAINEES = {"llamaforge": lambda spec, stack, dev: llamaforge_trainee(spec, dev)}
+TRAINEES = {name: llamaforge_trainee for name in STACKS if name.startswith("llamaforge")}
 TRAINEES.update({name: hf_trainee for name in STACKS if name.startswith("hf")})
 TRAINEES["unsloth"] = unsloth_trainee
 MODULE_VERSIONS = ("llamaforge", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth")
@@ -628,11 +640,25 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_all(spec: Spec, stacks: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """The ceiling, then each stack in turn; the model folder lives only for this run."""
+def train_stacks(spec: Spec, stacks: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Each stack in turn on one shape, each in its own process."""
+    results = {}
+    for name in stacks:
+        log(f"training {name} (batch {spec.bs} x {spec.seq}) ...")
+        results[name] = run_child(name, spec, args.timeout, args.verbose)
+        log(f"  {name}: {summary(results[name])}")
+    return results
+
+
+def run_all(
+    spec: Spec, stacks: list[str], args: argparse.Namespace, seqs: list[int] | None = None
+) -> dict[str, Any]:
+    """The ceiling, then each stack in turn (at each of `seqs` if given: `sweep`, by length);
+    the model folder lives only for this run."""
     log("measuring the matmul ceiling ...")
     env = run_child("ceiling", spec, args.timeout, args.verbose)
     results: dict[str, Any] = {}
+    sweep: dict[str, Any] = {}
     made = None
     if spec.model_dir is None and needs_model_dir(stacks, spec.method):
         made = spec.model_dir = tempfile.mkdtemp(prefix="lf-bench-", dir=args.tmp_dir)
@@ -641,14 +667,19 @@ def run_all(spec: Spec, stacks: list[str], args: argparse.Namespace) -> dict[str
         if "error" in saved:
             results["make-dir"] = saved
     try:
-        for name in stacks:
-            log(f"training {name} ...")
-            results[name] = run_child(name, spec, args.timeout, args.verbose)
-            log(f"  {name}: {summary(results[name])}")
+        if seqs:
+            for seq in seqs:
+                at = replace(spec, seq=seq)
+                sweep[str(seq)] = {
+                    "flops_per_token": flops_per_token(at),
+                    "results": train_stacks(at, stacks, args),
+                }
+        else:
+            results.update(train_stacks(spec, stacks, args))
     finally:
         if made and not args.keep_model_dir:
             shutil.rmtree(made, ignore_errors=True)
-    return {"environment": env, "results": results}
+    return {"environment": env, "results": results, **({"sweep": sweep} if seqs else {})}
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -766,6 +797,63 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_seqs(text: str | None) -> list[int]:
+    """'1024,2048' -> [1024, 2048] (in the order given)."""
+    if not text:
+        return []
+    try:
+        seqs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seqs {text!r}: give comma-separated integers") from None
+    if not seqs or min(seqs) < 2:
+        raise SystemExit(f"--seqs {text!r}: lengths must be >= 2")
+    return seqs
+
+
+def sweep_cell(r: dict[str, Any]) -> list[str]:
+    """tokens/s and peak allocated GB of one stack at one length (or why there are none)."""
+    if "tokens_per_s" in r:
+        return [f"{r['tokens_per_s']:,.0f}", fmt(r["peak_alloc_gb"], ".1f")]
+    if "skipped" in r:
+        return ["skipped", ""]
+    why = "OOM" if r.get("error") == "out of memory" else f"error: {r.get('error', '?')}"
+    mem = f"> {r['peak_alloc_gb']}" if r.get("peak_alloc_gb") else ""
+    return [why.replace("|", "/")[:80], mem]
+
+
+def sweep_markdown(report: dict[str, Any], stacks: list[str]) -> str:
+    """One table: a row per sequence length, tokens/s and peak GB per stack."""
+    s, env = report["spec"], report["environment"]
+    lora = f", LoRA r{s['rank']} alpha {s['rank']}" if s["method"] != "full" else ""
+    lines = [
+        f"## {s['workload']}: {s['preset']} {s['method']}, batch {s['bs']}, "
+        f"sequence lengths {','.join(report['sweep'])}{lora}",
+        "",
+        f"device: {env.get('device', '?')}; median of {s['steps']} steps after "
+        f"{s['warmup']} warm-up; peak = peak allocated GB of the training steps",
+        "",
+        "| seq | " + " | ".join(f"{n} tokens/s | {n} peak GB" for n in stacks) + " |",
+        "|---|" + "---|---|" * len(stacks),
+    ]
+    for seq, at in report["sweep"].items():
+        cells = [c for n in stacks for c in sweep_cell(at["results"].get(n, {"error": "?"}))]
+        lines.append(f"| {seq} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_main(spec: Spec, stacks: list[str], seqs: list[int], args: argparse.Namespace) -> None:
+    """--seqs: every stack at every length (batch spec.bs), one table, one JSON."""
+    report: dict[str, Any] = {
+        "spec": asdict(spec),
+        "seqs": seqs,
+        **run_all(spec, stacks, args, seqs),
+    }
+    print(sweep_markdown(report, stacks))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+        log(f"wrote {args.out}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -774,6 +862,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stacks", default=DEFAULT_STACKS, help=f"comma list of {', '.join(STACKS)}")
     p.add_argument("--bs", type=int, default=None, help="default: 4 for full, else 2")
     p.add_argument("--seq", type=int, default=None, help="default: 2048 (tiny: 128)")
+    p.add_argument(
+        "--seqs",
+        help="comma list of sequence lengths (e.g. 1024,2048,4096,8192,16384): train the "
+        "stacks at each, batch 1 unless --bs, and print one table of tokens/s and peak memory",
+    )
     p.add_argument("--steps", type=int, default=8, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
@@ -795,9 +888,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         return child_main(args.child, Spec(**json.loads(args.spec)))
+    seqs = parse_seqs(args.seqs)
+    if seqs:  # the longest sets max_seq_len of the tiny shape; batch 1 by default
+        args.seq, args.bs = max(seqs), args.bs or 1
     spec = make_spec(args)
     spec.model_dir = args.model_dir
     stacks = resolve_stacks(args.stacks, spec.method)
+    if seqs:
+        return sweep_main(spec, stacks, seqs, args)
     report: dict[str, Any] = {
         "spec": asdict(spec),
         "peak_tflops": args.peak_tflops,
