@@ -10,6 +10,7 @@ on the GPU, and on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass, fields
@@ -34,6 +35,7 @@ class Kernels:
         return cls(**{f.name: False for f in fields(cls)})
 
 
+@functools.cache  # asked by every op of every layer on each forward: look it up once
 def triton_available() -> bool:
     """Whether Triton can be imported (it ships with CUDA builds of torch)."""
     return importlib.util.find_spec("triton") is not None
