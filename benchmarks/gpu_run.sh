@@ -1,20 +1,60 @@
 #!/usr/bin/env bash
-# One GPU session: kernel and model tests on the real GPU, then side-by-side throughput.
-# Each part has its own time limit so one slow part cannot eat the others' time.
-# Usage (on the GPU machine, from the repo root): bash benchmarks/gpu_run.sh OUT_DIR
+# GPU sessions, one part per device command (each well inside 10 minutes), from the repo root:
+#   bash benchmarks/gpu_run.sh OUT_DIR PART
+# PART is
+#   tests   kernel and long-context tests on the GPU
+#   side    side by side with every peer: lora8b, then full1b (batch 4)
+#   qlora   side by side on qlora8b, then the 8B LoRA sequence sweep (batch 1) and a profile
+#   long    the longest batch-1 sequences under an 80 GB cap, activations offloaded
+# Baselines need their packages importable (BASELINES.md: wheels on PYTHONPATH); a missing
+# one is reported as skipped. Every benchmark has its own time limit so one slow part cannot
+# eat the others' time. Random models for the from-disk stacks are kept in /tmp between parts.
 set -uo pipefail
 out=${1:-gpu_out}
+part=${2:-tests}
 mkdir -p "$out"
-export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ce.py \
-  tests/test_kernels_nf4.py tests/test_kernels_dispatch.py 2>&1 | tail -25 | tee "$out/tests.log"
-tp() {  # workload stacks time-limit
-  timeout "$3" python3 benchmarks/train_throughput.py --workload "$1" --stacks "$2" \
-    --steps 4 --warmup 2 --out "$out/throughput_$1.json" >"$out/throughput_$1.log" 2>&1
-  echo "== $1 (exit $?)"; tail -14 "$out/throughput_$1.log"
+
+tp() {  # name time-limit args...: one train_throughput.py invocation, its table printed
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 benchmarks/train_throughput.py --out "$out/$name.json" "$@" \
+    >"$out/$name.log" 2>&1
+  echo "== $name (exit $?)"
+  grep -v "^  \|^training\|^measuring\|^saving" "$out/$name.log" | tail -22
 }
-tp lora8b llamaforge,hf 130
-tp full1b llamaforge-bf16,llamaforge,llamaforge-plain,hf 75
-tp qlora8b llamaforge 50
+
+case $part in
+tests)
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_basic.py \
+    tests/test_kernels_ce.py tests/test_kernels_nf4.py tests/test_kernels_dispatch.py \
+    tests/test_long_context.py 2>&1 | tail -25 | tee "$out/tests.log"
+  ;;
+side)
+  tp throughput_lora8b 290 --workload lora8b --stacks llamaforge,hf,hf-liger,unsloth \
+    --steps 4 --warmup 2 --model-dir /tmp/l8b
+  tp throughput_full1b 230 --workload full1b \
+    --stacks llamaforge,llamaforge-bf16,hf,hf-liger,unsloth --steps 4 --warmup 2 \
+    --model-dir /tmp/l1b
+  ;;
+qlora)
+  tp throughput_qlora8b 320 --workload qlora8b --stacks llamaforge,hf,hf-liger,unsloth \
+    --steps 4 --warmup 2 --model-dir /tmp/l8b
+  tp seqs_lora8b 150 --workload lora8b --stacks llamaforge --seqs 1024,2048,4096,8192,16384 \
+    --steps 3 --warmup 1
+  tp profile_lora8b 70 --workload lora8b --stacks llamaforge --steps 2 --warmup 2 --profile
+  grep -A40 "^profile of one" "$out/profile_lora8b.log" | cut -c1-200 | head -45
+  ;;
+long)
+  tp longest_lora8b 170 --workload lora8b --stacks llamaforge-offload --seqs 65536,131072 \
+    --steps 1 --warmup 0 --mem-cap-gib 79
+  tp longest_qlora8b 390 --workload qlora8b --stacks llamaforge-offload --seqs 131072,262144 \
+    --steps 1 --warmup 0 --mem-cap-gib 79
+  ;;
+*)
+  echo "unknown part $part (tests, side, qlora, long)" >&2
+  exit 2
+  ;;
+esac

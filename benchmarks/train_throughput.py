@@ -86,6 +86,7 @@ STACKS = {
     "llamaforge": Stack("llamaforge"),
     "llamaforge-plain": Stack("llamaforge, kernels off"),
     "llamaforge-bf16": Stack("llamaforge, bf16 masters"),
+    "llamaforge-offload": Stack("llamaforge, activations offloaded"),
     "hf": Stack("transformers + peft", ("transformers", "peft")),
     "hf-liger": Stack("+ Liger kernels", ("transformers", "peft", "liger_kernel"), liger=True),
     "hf-bnb": Stack(
@@ -120,6 +121,8 @@ class Spec:
     rank: int
     model_dir: str | None = None
     threads: int | None = None  # torch CPU threads in the children (None: torch's default)
+    mem_cap_gib: float | None = None  # cap each child's GPU memory (e.g. 79 for an 80 GB card)
+    profile: bool = False  # llamaforge stacks: profile one more step, report the top ops
     hf_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -306,6 +309,20 @@ def measure(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) -> dict
     }
 
 
+def profile_step(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) -> str:
+    """One more step under torch.profiler: the ops that took the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    ids = torch.randint(0, vocab, (spec.bs, spec.seq), device=dev)
+    with profile(activities=acts) as prof:
+        trainee.step(ids)
+        synchronize(dev)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+
+
 def init_like_hf(model: torch.nn.Module, std: float = 0.02) -> None:
     """Normal(0, 0.02) matrices like transformers' init, so first-step losses compare."""
     with torch.no_grad():
@@ -318,11 +335,13 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     """llamaforge as its recipe sets it up: base dtype, method, loss, optimizer, autocast.
 
     Variants: `llamaforge-plain` turns every fused kernel off (the plain-PyTorch references);
-    `llamaforge-bf16` keeps full fine-tuning's weights and AdamW states in bf16.
+    `llamaforge-bf16` keeps full fine-tuning's weights and AdamW states in bf16;
+    `llamaforge-offload` keeps the checkpointed layer inputs in CPU memory (long context).
+    The feed-forward runs over 16,384-token slices past that many tokens, the loop's default.
     """
     ensure_llamaforge()
     from llamaforge.adapters.inject import apply_lora, parameter_counts
-    from llamaforge.config import OptimConfig
+    from llamaforge.config import OptimConfig, TrainConfig
     from llamaforge.kernels import Kernels
     from llamaforge.losses import chunked_causal_lm_loss_fn
     from llamaforge.model.llama import Llama
@@ -353,6 +372,8 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     plain = stack.label == STACKS["llamaforge-plain"].label
     model.set_kernels(Kernels.none() if plain else Kernels())
     model.gradient_checkpointing = True
+    model.offload_activations = stack.label == STACKS["llamaforge-offload"].label
+    model.set_mlp_chunk(TrainConfig().mlp_chunk_tokens)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, OptimConfig(lr=LR[spec.method]))
@@ -372,6 +393,8 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
         + (f", {precision} autocast" if precision != "fp32" else ""),
     }[spec.method]
     kernels = "plain PyTorch, chunked CE" if plain else "Triton kernels, fused linear+CE"
+    if model.offload_activations:
+        kernels += ", checkpoints in CPU memory"
     return Trainee(step, parameter_counts(model)[0], f"{notes}; {kernels}")
 
 
@@ -500,11 +523,16 @@ def is_oom(e: BaseException) -> bool:
 def train_child(name: str, spec: Spec) -> dict[str, Any]:
     """Set one stack up, train it, report; skips and out-of-memory become results."""
     dev = device()
+    if spec.mem_cap_gib and dev.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.mem_cap_gib * 2**30 / total))
     start = time.perf_counter()
     try:
         trainee = TRAINEES[name](spec, STACKS[name], dev)
         setup_s = time.perf_counter() - start
         result = measure(trainee, spec, spec.hf_config["vocab_size"], dev)
+        if spec.profile and name.startswith("llamaforge"):
+            result["profile"] = profile_step(trainee, spec, spec.hf_config["vocab_size"], dev)
     except Skip as e:
         return {"skipped": str(e)}
     except Exception as e:
@@ -647,6 +675,8 @@ def train_stacks(spec: Spec, stacks: list[str], args: argparse.Namespace) -> dic
         log(f"training {name} (batch {spec.bs} x {spec.seq}) ...")
         results[name] = run_child(name, spec, args.timeout, args.verbose)
         log(f"  {name}: {summary(results[name])}")
+        if "profile" in results[name]:
+            log(f"profile of one {name} step:\n{results[name]['profile']}")
     return results
 
 
@@ -660,20 +690,25 @@ def run_all(
     results: dict[str, Any] = {}
     sweep: dict[str, Any] = {}
     made = None
-    if spec.model_dir is None and needs_model_dir(stacks, spec.method):
+    wanted = needs_model_dir(stacks, spec.method)
+    if wanted and spec.model_dir is None:
         made = spec.model_dir = tempfile.mkdtemp(prefix="lf-bench-", dir=args.tmp_dir)
-        log(f"saving a random model for the from-disk stacks to {made} ...")
+    if wanted and not (Path(spec.model_dir) / "config.json").exists():
+        log(f"saving a random model for the from-disk stacks to {spec.model_dir} ...")
         saved = run_child("make-dir", spec, args.timeout, args.verbose)
         if "error" in saved:
             results["make-dir"] = saved
     try:
         if seqs:
+            out_of_memory: set[str] = set()
             for seq in seqs:
                 at = replace(spec, seq=seq)
-                sweep[str(seq)] = {
-                    "flops_per_token": flops_per_token(at),
-                    "results": train_stacks(at, stacks, args),
-                }
+                runnable = [n for n in stacks if n not in out_of_memory]
+                done = train_stacks(at, runnable, args)
+                out_of_memory |= {n for n, r in done.items() if r.get("error") == "out of memory"}
+                for name in stacks:
+                    done.setdefault(name, {"skipped": "out of memory at a shorter length"})
+                sweep[str(seq)] = {"flops_per_token": flops_per_token(at), "results": done}
         else:
             results.update(train_stacks(spec, stacks, args))
     finally:
@@ -765,7 +800,8 @@ def heading(report: dict[str, Any]) -> list[str]:
         "",
         f"device: {env.get('device', '?')}; bf16 matmul ceiling (8192^3): "
         f"{fmt(ceiling, ',.0f')} TFLOP/s; datasheet {report['peak_tflops']:.0f} TFLOP/s; "
-        f"median of {s['steps']} steps after {s['warmup']} warm-up",
+        f"median of {s['steps']} steps after {s['warmup']} warm-up"
+        + (f"; GPU memory capped at {s['mem_cap_gib']:g} GiB" if s.get("mem_cap_gib") else ""),
         f"model FLOPs/token: {si(f['total'])} = {f['dense'] / f['N']:.0f}N "
         f"(N = {si(f['N'], '')}) + attention {si(f['attention'])} (non-causal)"
         + (
@@ -830,7 +866,8 @@ def sweep_markdown(report: dict[str, Any], stacks: list[str]) -> str:
         f"sequence lengths {','.join(report['sweep'])}{lora}",
         "",
         f"device: {env.get('device', '?')}; median of {s['steps']} steps after "
-        f"{s['warmup']} warm-up; peak = peak allocated GB of the training steps",
+        f"{s['warmup']} warm-up; peak = peak allocated GB of the training steps"
+        + (f"; GPU memory capped at {s['mem_cap_gib']:g} GiB" if s.get("mem_cap_gib") else ""),
         "",
         "| seq | " + " | ".join(f"{n} tokens/s | {n} peak GB" for n in stacks) + " |",
         "|---|" + "---|---|" * len(stacks),
@@ -873,11 +910,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", "--shape-override", choices=["full", "tiny"], default="full")
     p.add_argument("--peak-tflops", type=float, default=DATASHEET_TFLOPS, help="datasheet bf16")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
-    p.add_argument("--model-dir", help="reuse a saved random model (bitsandbytes, Unsloth)")
+    p.add_argument(
+        "--model-dir",
+        help="the random model for the from-disk stacks (bitsandbytes, Unsloth): reused if "
+        "there, else saved there and kept (default: a temporary folder, deleted after)",
+    )
     p.add_argument("--keep-model-dir", action="store_true", help="do not delete the saved model")
     p.add_argument("--tmp-dir", help="where to save the random model (default: system temp)")
     p.add_argument("--threads", type=int, help="torch CPU threads per child (tiny: 1)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    p.add_argument(
+        "--mem-cap-gib",
+        type=float,
+        help="cap every child's GPU memory (79 holds a run to what an 80 GB H100 offers)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="profile one more llamaforge step; print top ops"
+    )
     p.add_argument("--verbose", action="store_true", help="show the children's stderr")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -893,6 +942,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seq, args.bs = max(seqs), args.bs or 1
     spec = make_spec(args)
     spec.model_dir = args.model_dir
+    spec.mem_cap_gib, spec.profile = args.mem_cap_gib, args.profile
     stacks = resolve_stacks(args.stacks, spec.method)
     if seqs:
         return sweep_main(spec, stacks, seqs, args)

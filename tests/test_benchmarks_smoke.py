@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ def _script(name: str):
     """Import benchmarks/<name>.py as a module (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -61,3 +63,54 @@ def test_same_math_tiny(tmp_path):
         ("full", "fp32"),
     ]
     assert all(c["grad_rel_err"] < 1e-5 and math.isfinite(c["loss_hf"]) for c in report["cases"])
+
+
+def test_train_throughput_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "tp.json"
+    bench = _script("train_throughput")
+    bench.main(
+        "--workload lora8b --shape tiny --stacks llamaforge,llamaforge-offload,hf,unsloth "
+        f"--steps 1 --warmup 1 --profile --out {out}".split()
+    )
+    report = json.loads(out.read_text())
+    results = report["results"]
+    for name in ("llamaforge", "llamaforge-offload", "hf"):
+        r = results[name]
+        assert r["losses_finite"] and r["tokens_per_s"] > 0, name
+        assert abs(r["loss_first"] - report["ln_vocab"]) < 0.5, name  # random init
+    assert "checkpoints in CPU memory" in results["llamaforge-offload"]["notes"]
+    assert "aten::" in results["llamaforge"]["profile"] and "profile" not in results["hf"]
+    assert "skipped" in results["unsloth"] or "tokens_per_s" in results["unsloth"]
+    assert set(report["ratios"]) >= {"hf", "llamaforge-offload"}
+
+
+def test_train_throughput_sweep_stops_a_stack_after_out_of_memory(monkeypatch, capsys):
+    bench = _script("train_throughput")
+    tried = []
+
+    def fake_child(name, spec, timeout, verbose):
+        if name == "ceiling":
+            return {"device": "fake", "ceiling_tflops": None}
+        tried.append((name, spec.seq))
+        if name == "hf" and spec.seq >= 64:
+            return {"error": "out of memory", "peak_alloc_gb": 1.5}
+        return {"tokens_per_s": 1000.0 / spec.seq, "peak_alloc_gb": spec.seq / 100}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    bench.main(
+        "--workload lora8b --shape tiny --stacks llamaforge,hf --seqs 32,64,128 "
+        "--mem-cap-gib 79".split()
+    )
+    assert tried == [
+        ("llamaforge", 32),
+        ("hf", 32),
+        ("llamaforge", 64),
+        ("hf", 64),
+        ("llamaforge", 128),
+    ]
+    table = capsys.readouterr().out
+    assert "GPU memory capped at 79 GiB" in table
+    assert "| 64 | 16 | 0.6 | OOM | > 1.5 |" in table
+    assert "| 128 | 8 | 1.3 | skipped |" in table

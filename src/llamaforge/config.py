@@ -185,6 +185,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     activation_checkpointing: bool = False
     activation_offload: bool = False  # checkpointed layer inputs kept in CPU memory (long ctx)
+    # With checkpointing, a batch of more tokens runs each feed-forward over slices this size
+    mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -207,6 +209,7 @@ class RunConfig:
     device: str | None = _f(None, DEVICE)
     activation_checkpointing: bool = False
     activation_offload: bool = False
+    mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
     kernels: Kernels = field(default_factory=Kernels)  # fused GPU kernels, each opt-out
     lora: LoraConfig = field(default_factory=LoraConfig)
     qlora: QloraConfig = field(default_factory=QloraConfig)

@@ -171,7 +171,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+
+    Its (T, ffn_dim) intermediates are the largest activations of a block (3.5x the width of
+    its input, and three of them live for the backward). Past `chunk_tokens` tokens the
+    feed-forward, which treats every token on its own, runs over slices of the sequence;
+    when gradients are being recorded each slice is checkpointed, so one slice's
+    intermediates are alive at a time. That costs one more forward of the MLP and bounds
+    its memory at long context (see `Llama.set_mlp_chunk`).
+    """
+
+    chunk_tokens: int | None = None
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -181,6 +191,17 @@ class MLP(nn.Module):
         self.kernels = Kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[0], x.shape[1]
+        if not self.chunk_tokens or b * t <= self.chunk_tokens or t == 1:
+            return self._swiglu_mlp(x)
+        step = max(1, self.chunk_tokens // b)
+        if not torch.is_grad_enabled():
+            return torch.cat([self._swiglu_mlp(c) for c in x.split(step, dim=1)], dim=1)
+        ckpt = torch.utils.checkpoint.checkpoint
+        parts = [ckpt(self._swiglu_mlp, c, use_reentrant=False) for c in x.split(step, dim=1)]
+        return torch.cat(parts, dim=1)
+
+    def _swiglu_mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.kernels.swiglu))
 
 
@@ -225,6 +246,15 @@ class Llama(nn.Module):
         for m in self.modules():
             if hasattr(m, "kernels"):
                 m.kernels = kernels
+
+    def set_mlp_chunk(self, tokens: int | None) -> None:
+        """Run every feed-forward over slices of at most `tokens` tokens when a batch holds
+        more (None: never). Long-context training sets this; short batches are unaffected."""
+        if tokens is not None and tokens < 1:
+            raise ValueError(f"mlp chunk must be a positive number of tokens, got {tokens}")
+        for m in self.modules():
+            if isinstance(m, MLP):
+                m.chunk_tokens = tokens
 
     def reset_rope(self) -> None:
         """(Re)compute the RoPE inverse frequencies, e.g. after building on the meta device."""

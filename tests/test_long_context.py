@@ -1,0 +1,66 @@
+"""Long-context memory savers: the feed-forward over sequence slices changes no number."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaforge.config import ConfigError, config_from_dict
+from llamaforge.model.llama import MLP
+
+from .helpers import random_model
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_mlp_slices_match_whole_sequence(checkpointing):
+    model = random_model("tiny-llama3").train()
+    model.gradient_checkpointing = checkpointing
+    ids = torch.randint(
+        0, model.cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0)
+    )
+    ref_loss, ref_grads = loss_and_grads(model, ids)
+    model.set_mlp_chunk(8)  # 2 x 21 tokens > 8: slices of 4 positions, the last one shorter
+    assert all(m.chunk_tokens == 8 for m in model.modules() if isinstance(m, MLP))
+    loss, grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_mlp_slices_without_grad_and_short_batches_untouched():
+    model = random_model("tiny-llama3")
+    ids = torch.randint(
+        0, model.cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        ref = model(ids)
+        model.set_mlp_chunk(7)
+        torch.testing.assert_close(model(ids), ref, rtol=1e-6, atol=1e-6)
+    calls = []
+    mlp = model.layers[0].mlp
+    mlp.register_forward_hook(lambda *_: calls.append(1))
+    orig = mlp._swiglu_mlp
+    mlp._swiglu_mlp = lambda x: (calls.append(x.shape[1]), orig(x))[1]
+    with torch.no_grad():
+        model(ids[:, :7])  # 7 tokens: not sliced
+    assert calls[0] == 7
+    with pytest.raises(ValueError, match="positive"):
+        model.set_mlp_chunk(0)
+
+
+def test_mlp_chunk_is_a_checked_config_key():
+    raw = {"model": "m", "data": {"path": "d.jsonl"}}
+    assert config_from_dict(raw).mlp_chunk_tokens == 16384
+    assert config_from_dict(raw, ["mlp_chunk_tokens=4096"]).train_config().mlp_chunk_tokens == 4096
+    with pytest.raises(ConfigError, match="mlp_chunk_tokens"):
+        config_from_dict(raw, ["mlp_chunk_tokens=0"])
