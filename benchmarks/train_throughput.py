@@ -301,6 +301,7 @@ def measure(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) -> dict
         "step_s_median": step_s,
         "step_times_s": times,  # warm-up steps first
         **peak_memory(dev),
+        "host_peak_rss_gb": host_peak_rss_gb(),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "losses_finite": all(x == x and abs(x) != float("inf") for x in losses),
@@ -321,6 +322,16 @@ def profile_step(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) ->
         synchronize(dev)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+
+
+def host_peak_rss_gb() -> float | None:
+    """This process's peak resident CPU memory (offloaded activations live there)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, 2)
 
 
 def init_like_hf(model: torch.nn.Module, std: float = 0.02) -> None:

@@ -64,3 +64,26 @@ def test_mlp_chunk_is_a_checked_config_key():
     assert config_from_dict(raw, ["mlp_chunk_tokens=4096"]).train_config().mlp_chunk_tokens == 4096
     with pytest.raises(ConfigError, match="mlp_chunk_tokens"):
         config_from_dict(raw, ["mlp_chunk_tokens=0"])
+
+
+def test_offload_pins_only_where_power_of_two_rounding_wastes_little():
+    from llamaforge.model.offload import pinned_size, use_pinned
+
+    assert pinned_size(2**31) == 2**31 and pinned_size(2**31 + 1) == 2**32
+    layer_262k, layer_350k = 262144 * 4096 * 2, 350000 * 4096 * 2  # Llama-3.1-8B layer inputs
+    assert use_pinned(layer_262k) and use_pinned(7 * 2**28)  # exact; 1.14x
+    assert not use_pinned(layer_350k)  # 2.87 GB would take 4 GiB pinned
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading moves CUDA tensors")
+@pytest.mark.parametrize("t", [2048, 3000])  # a pinned and a pageable layer input
+def test_offloaded_checkpoints_give_the_same_gradients(t):
+    model = random_model("tiny-llama3", dim=256, n_heads=4, n_kv_heads=2).cuda().train()
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, model.cfg.vocab_size, (1, t), device="cuda")
+    ref_loss, ref_grads = loss_and_grads(model, ids)
+    model.offload_activations = True
+    loss, grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, msg=k)

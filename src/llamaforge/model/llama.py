@@ -20,6 +20,7 @@ from ..kernels.rmsnorm import rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
 from .config import LlamaConfig, RopeScaling
+from .offload import offload_saved_tensors
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -325,7 +326,7 @@ class Llama(nn.Module):
         """Run a block under activation checkpointing, its saved input in CPU memory if asked."""
         if not self.offload_activations or x.device.type == "cpu":
             return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
-        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        with offload_saved_tensors():
             return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
 
     def forward(
