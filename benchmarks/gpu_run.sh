@@ -30,13 +30,13 @@ tests)
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_basic.py \
     tests/test_kernels_ce.py tests/test_kernels_nf4.py tests/test_kernels_dispatch.py \
-    tests/test_long_context.py 2>&1 | tail -25 | tee "$out/tests.log"
+    tests/test_long_context.py tests/test_kernels_adamw.py 2>&1 | tail -25 | tee "$out/tests.log"
   ;;
 side)
   tp throughput_lora8b 290 --workload lora8b --stacks llamaforge,hf,hf-liger,unsloth \
     --steps 4 --warmup 2 --model-dir /tmp/l8b
   tp throughput_full1b 230 --workload full1b \
-    --stacks llamaforge,llamaforge-bf16,hf,hf-liger,unsloth --steps 4 --warmup 2 \
+    --stacks llamaforge,llamaforge-bf16,llamaforge-bf16-fused,hf,hf-liger,unsloth --steps 4 --warmup 2 \
     --model-dir /tmp/l1b
   ;;
 qlora)

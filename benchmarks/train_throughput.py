@@ -87,6 +87,7 @@ STACKS = {
     "llamaforge-plain": Stack("llamaforge, kernels off"),
     "llamaforge-bf16": Stack("llamaforge, bf16 masters"),
     "llamaforge-offload": Stack("llamaforge, activations offloaded"),
+    "llamaforge-bf16-fused": Stack("llamaforge, bf16 masters, fused AdamW kernel"),
     "hf": Stack("transformers + peft", ("transformers", "peft")),
     "hf-liger": Stack("+ Liger kernels", ("transformers", "peft", "liger_kernel"), liger=True),
     "hf-bnb": Stack(
@@ -346,7 +347,8 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     """llamaforge as its recipe sets it up: base dtype, method, loss, optimizer, autocast.
 
     Variants: `llamaforge-plain` turns every fused kernel off (the plain-PyTorch references);
-    `llamaforge-bf16` keeps full fine-tuning's weights and AdamW states in bf16;
+    `llamaforge-bf16` keeps full fine-tuning's weights and AdamW states in bf16
+    (`llamaforge-bf16-fused`: updated by one Triton kernel per parameter);
     `llamaforge-offload` keeps the checkpointed layer inputs in CPU memory (long context).
     The feed-forward runs over 16,384-token slices past that many tokens, the loop's default.
     """
@@ -361,7 +363,8 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     from llamaforge.train.recipe import base_dtype
 
     precision = resolve_precision("auto", dev)
-    master = "bf16" if stack.label == STACKS["llamaforge-bf16"].label else "fp32"
+    bf16_stacks = (STACKS["llamaforge-bf16"].label, STACKS["llamaforge-bf16-fused"].label)
+    master = "bf16" if stack.label in bf16_stacks else "fp32"
     dtype = base_dtype(spec.method, precision, master)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     with torch.device(dev), default_dtype(dtype):
@@ -381,7 +384,8 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
             lora_dtype=torch.float32,
         )
     plain = stack.label == STACKS["llamaforge-plain"].label
-    model.set_kernels(Kernels.none() if plain else Kernels())
+    fused_adamw = stack.label == STACKS["llamaforge-bf16-fused"].label
+    model.set_kernels(Kernels.none() if plain else Kernels(adamw=fused_adamw))
     model.gradient_checkpointing = True
     model.offload_activations = stack.label == STACKS["llamaforge-offload"].label
     model.set_mlp_chunk(TrainConfig().mlp_chunk_tokens)
@@ -404,6 +408,8 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
         + (f", {precision} autocast" if precision != "fp32" else ""),
     }[spec.method]
     kernels = "plain PyTorch, chunked CE" if plain else "Triton kernels, fused linear+CE"
+    if dev.type != "cuda":
+        kernels = "plain PyTorch (the kernels are CUDA-only), chunked CE"
     if model.offload_activations:
         kernels += ", checkpoints in CPU memory"
     return Trainee(step, parameter_counts(model)[0], f"{notes}; {kernels}")
@@ -757,7 +763,7 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         return {}
     out = {}
     for name, r in results.items():
-        if name in ("llamaforge", "make-dir") or "tokens_per_s" not in r:
+        if name.startswith("llamaforge") or name == "make-dir" or "tokens_per_s" not in r:
             continue
         mem = None
         if ours.get("peak_alloc_gb") and r.get("peak_alloc_gb"):

@@ -83,7 +83,7 @@ def test_train_throughput_tiny(tmp_path):
     assert "checkpoints in CPU memory" in results["llamaforge-offload"]["notes"]
     assert "aten::" in results["llamaforge"]["profile"] and "profile" not in results["hf"]
     assert "skipped" in results["unsloth"] or "tokens_per_s" in results["unsloth"]
-    assert set(report["ratios"]) >= {"hf", "llamaforge-offload"}
+    assert set(report["ratios"]) == {"hf"}  # ours against peers, not against our variants
 
 
 def test_train_throughput_sweep_stops_a_stack_after_out_of_memory(monkeypatch, capsys):

@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from ..kernels import use_kernel
+from ..kernels.adamw import adamw_bf16_step_
+
 CHUNK = 1 << 24  # elements updated at once: bounds the fp32 temporaries to ~256 MB
 
 
@@ -39,9 +42,11 @@ class StochasticBF16AdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        fused: bool = False,
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
+        self.fused = fused  # one Triton kernel per CUDA parameter (kernels/adamw.py)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype != torch.bfloat16:
@@ -68,7 +73,21 @@ class StochasticBF16AdamW(torch.optim.Optimizer):
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         step_size = lr / (1 - b1**t)
         root_bc2 = (1 - b2**t) ** 0.5
-        flat = [x.view(-1) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+        tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        if self.fused and use_kernel(True, p) and all(x.is_contiguous() for x in tensors):
+            seed = int(torch.randint(0, 2**31 - 1, ()))  # CPU draw: follows torch.manual_seed
+            adamw_bf16_step_(
+                *tensors,
+                lr=lr,
+                betas=(b1, b2),
+                eps=eps,
+                weight_decay=wd,
+                step_size=step_size,
+                root_bc2=root_bc2,
+                seed=seed,
+            )
+            return
+        flat = [x.view(-1) for x in tensors]
         for start in range(0, p.numel(), CHUNK):
             w, g, m, v = (x[start : start + CHUNK] for x in flat)
             g32 = g.float()

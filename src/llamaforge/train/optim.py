@@ -39,7 +39,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     if any(p.dtype == torch.bfloat16 for p in params):
-        return StochasticBF16AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        fused = getattr(getattr(model, "kernels", None), "adamw", False)
+        return StochasticBF16AdamW(
+            groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
+        )
     on_cuda = all(p.is_cuda and p.dtype.is_floating_point for p in params)
     kind = {"fused": True} if on_cuda else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)
