@@ -6,6 +6,9 @@
 #   side    side by side with every peer: lora8b, then full1b (batch 4)
 #   qlora   side by side on qlora8b, then the 8B LoRA sequence sweep (batch 1) and a profile
 #   long    the longest batch-1 sequences under an 80 GB cap, activations offloaded
+#   next    what 2026-12-02 left untimed: fewer checkpointed blocks for 8B LoRA, the fused
+#           bf16 AdamW for 1B full
+#   long350 QLoRA 8B at 350,000 tokens with exact-size offload (one ~6-minute step)
 # Baselines need their packages importable (BASELINES.md: wheels on PYTHONPATH); a missing
 # one is reported as skipped. Every benchmark has its own time limit so one slow part cannot
 # eat the others' time. Random models for the from-disk stacks are kept in /tmp between parts.
@@ -53,8 +56,20 @@ long)
   tp longest_qlora8b 390 --workload qlora8b --stacks llamaforge-offload --seqs 131072,262144 \
     --steps 1 --warmup 0 --mem-cap-gib 79
   ;;
+next)
+  for n in 0 8 16; do
+    tp "ckpt${n}_lora8b" 80 --workload lora8b --stacks llamaforge --ckpt-layers "$n" \
+      --steps 4 --warmup 2
+  done
+  tp bf16_full1b 90 --workload full1b --stacks llamaforge-bf16,llamaforge-bf16-fused \
+    --steps 4 --warmup 2
+  ;;
+long350)
+  tp longest350_qlora8b 560 --workload qlora8b --stacks llamaforge-offload --seqs 350000 \
+    --steps 1 --warmup 0 --mem-cap-gib 79
+  ;;
 *)
-  echo "unknown part $part (tests, side, qlora, long)" >&2
+  echo "unknown part $part (tests, side, qlora, long, next, long350)" >&2
   exit 2
   ;;
 esac

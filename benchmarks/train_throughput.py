@@ -124,6 +124,7 @@ class Spec:
     threads: int | None = None  # torch CPU threads in the children (None: torch's default)
     mem_cap_gib: float | None = None  # cap each child's GPU memory (e.g. 79 for an 80 GB card)
     profile: bool = False  # llamaforge stacks: profile one more step, report the top ops
+    ckpt_layers: int | None = None  # llamaforge stacks: checkpoint only the first N blocks
     hf_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -388,6 +389,7 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     model.set_kernels(Kernels.none() if plain else Kernels(adamw=fused_adamw))
     model.gradient_checkpointing = True
     model.offload_activations = stack.label == STACKS["llamaforge-offload"].label
+    model.checkpoint_layers = spec.ckpt_layers
     model.set_mlp_chunk(TrainConfig().mlp_chunk_tokens)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -412,6 +414,9 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
         kernels = "plain PyTorch (the kernels are CUDA-only), chunked CE"
     if model.offload_activations:
         kernels += ", checkpoints in CPU memory"
+    if spec.ckpt_layers is not None:
+        n = min(spec.ckpt_layers, len(model.layers))
+        kernels += f", {n} of {len(model.layers)} blocks checkpointed"
     return Trainee(step, parameter_counts(model)[0], f"{notes}; {kernels}")
 
 
@@ -944,6 +949,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true", help="profile one more llamaforge step; print top ops"
     )
+    p.add_argument(
+        "--ckpt-layers",
+        type=int,
+        help="llamaforge stacks: recompute only the first N blocks (0: none; default: all)",
+    )
     p.add_argument("--verbose", action="store_true", help="show the children's stderr")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -960,6 +970,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = make_spec(args)
     spec.model_dir = args.model_dir
     spec.mem_cap_gib, spec.profile = args.mem_cap_gib, args.profile
+    if args.ckpt_layers is not None and args.ckpt_layers < 0:
+        raise SystemExit(f"--ckpt-layers {args.ckpt_layers}: give a number of blocks >= 0")
+    spec.ckpt_layers = args.ckpt_layers
     stacks = resolve_stacks(args.stacks, spec.method)
     if seqs:
         return sweep_main(spec, stacks, seqs, args)

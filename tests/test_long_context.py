@@ -87,3 +87,33 @@ def test_offloaded_checkpoints_give_the_same_gradients(t):
     torch.testing.assert_close(loss, ref_loss)
     for k, g in ref_grads.items():
         torch.testing.assert_close(grads[k], g, msg=k)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_checkpointing_only_the_first_blocks_changes_no_gradient(n):
+    model = random_model("tiny-llama3").train()
+    ids = torch.randint(
+        0, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2)
+    )
+    ref_loss, ref_grads = loss_and_grads(model, ids)
+    model.gradient_checkpointing, model.checkpoint_layers = True, n
+    seen = []
+    inner = model._checkpointed
+    model._checkpointed = lambda layer, *a: (seen.append(layer), inner(layer, *a))[1]
+    loss, grads = loss_and_grads(model, ids)
+    assert seen == list(model.layers[:n])
+    torch.testing.assert_close(loss, ref_loss)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, msg=k)
+
+
+def test_checkpointed_layers_key_needs_checkpointing():
+    raw = {"model": "m", "data": {"path": "d.jsonl"}}
+    on = ["activation_checkpointing=true", "activation_checkpointing_layers=8"]
+    assert config_from_dict(raw, on).train_config().activation_checkpointing_layers == 8
+    with pytest.raises(ConfigError, match="activation_checkpointing_layers"):
+        config_from_dict(raw, ["activation_checkpointing_layers=8"])
+    with pytest.raises(ConfigError, match="activation_checkpointing_layers"):
+        config_from_dict(
+            raw, ["activation_checkpointing=true", "activation_checkpointing_layers=-1"]
+        )

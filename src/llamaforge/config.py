@@ -185,6 +185,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     activation_checkpointing: bool = False
     activation_offload: bool = False  # checkpointed layer inputs kept in CPU memory (long ctx)
+    # With checkpointing, recompute only the first N blocks (None: every block)
+    activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     # With checkpointing, a batch of more tokens runs each feed-forward over slices this size
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -209,6 +211,7 @@ class RunConfig:
     device: str | None = _f(None, DEVICE)
     activation_checkpointing: bool = False
     activation_offload: bool = False
+    activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
     kernels: Kernels = field(default_factory=Kernels)  # fused GPU kernels, each opt-out
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -445,6 +448,12 @@ def _cross_checks(cfg: RunConfig, origins: _Origins) -> None:
             "activation_offload",
             "key 'activation_offload' needs 'activation_checkpointing: true' (it offloads "
             "the checkpointed layer inputs)",
+        )
+    if cfg.activation_checkpointing_layers is not None and not cfg.activation_checkpointing:
+        raise origins.error(
+            "activation_checkpointing_layers",
+            "key 'activation_checkpointing_layers' needs 'activation_checkpointing: true' (it "
+            "says how many blocks are checkpointed)",
         )
 
 

@@ -240,6 +240,9 @@ class Llama(nn.Module):
         self.reset_rope()
         self.gradient_checkpointing = False
         self.offload_activations = False  # with checkpointing: keep layer inputs in CPU memory
+        # with checkpointing: only the first N blocks recompute (None: all); the rest keep
+        # their activations, trading memory for the recompute's third of the matmuls
+        self.checkpoint_layers: int | None = None
         self.kernels = Kernels()
 
     def set_kernels(self, kernels: Kernels) -> None:
@@ -303,8 +306,9 @@ class Llama(nn.Module):
             mask = causal_mask(t, start + t, start, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+        ckpt = self.checkpoint_layers if self.checkpoint_layers is not None else len(self.layers)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and i < ckpt:
                 x = self._checkpointed(layer, x, cos, sin, mask, cache)
             else:
                 x = layer(x, cos, sin, mask, cache)

@@ -570,6 +570,8 @@ def train(
             raise ValueError(f"{type(model).__name__} has no gradient_checkpointing switch")
         model.gradient_checkpointing = True
         model.offload_activations = cfg.activation_offload
+        if hasattr(model, "checkpoint_layers"):
+            model.checkpoint_layers = cfg.activation_checkpointing_layers
         if hasattr(model, "set_mlp_chunk"):
             model.set_mlp_chunk(cfg.mlp_chunk_tokens)
     main = is_main_process() if is_main is None else is_main
