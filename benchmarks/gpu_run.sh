@@ -39,8 +39,8 @@ side)
   tp throughput_lora8b 290 --workload lora8b --stacks llamaforge,hf,hf-liger,unsloth \
     --steps 4 --warmup 2 --model-dir /tmp/l8b
   tp throughput_full1b 230 --workload full1b \
-    --stacks llamaforge,llamaforge-bf16,llamaforge-bf16-fused,hf,hf-liger,unsloth --steps 4 --warmup 2 \
-    --model-dir /tmp/l1b
+    --stacks llamaforge,llamaforge-bf16,llamaforge-bf16-fused,hf,hf-liger,unsloth \
+    --steps 4 --warmup 2 --model-dir /tmp/l1b
   ;;
 qlora)
   tp throughput_qlora8b 320 --workload qlora8b --stacks llamaforge,hf,hf-liger,unsloth \

@@ -80,14 +80,21 @@ class Stack:
     liger: bool = False
     bnb: bool = False
     needs_dir: bool = False
+    # llamaforge variants
+    plain: bool = False  # every fused kernel off
+    bf16_masters: bool = False  # full fine-tuning's weights and AdamW states in bf16
+    fused_adamw: bool = False  # bf16-master AdamW through its Triton kernel
+    offload: bool = False  # checkpointed layer inputs in CPU memory
 
 
 STACKS = {
     "llamaforge": Stack("llamaforge"),
-    "llamaforge-plain": Stack("llamaforge, kernels off"),
-    "llamaforge-bf16": Stack("llamaforge, bf16 masters"),
-    "llamaforge-offload": Stack("llamaforge, activations offloaded"),
-    "llamaforge-bf16-fused": Stack("llamaforge, bf16 masters, fused AdamW kernel"),
+    "llamaforge-plain": Stack("llamaforge, kernels off", plain=True),
+    "llamaforge-bf16": Stack("llamaforge, bf16 masters", bf16_masters=True),
+    "llamaforge-offload": Stack("llamaforge, activations offloaded", offload=True),
+    "llamaforge-bf16-fused": Stack(
+        "llamaforge, bf16 masters, fused AdamW kernel", bf16_masters=True, fused_adamw=True
+    ),
     "hf": Stack("transformers + peft", ("transformers", "peft")),
     "hf-liger": Stack("+ Liger kernels", ("transformers", "peft", "liger_kernel"), liger=True),
     "hf-bnb": Stack(
@@ -364,8 +371,7 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     from llamaforge.train.recipe import base_dtype
 
     precision = resolve_precision("auto", dev)
-    bf16_stacks = (STACKS["llamaforge-bf16"].label, STACKS["llamaforge-bf16-fused"].label)
-    master = "bf16" if stack.label in bf16_stacks else "fp32"
+    master = "bf16" if stack.bf16_masters else "fp32"
     dtype = base_dtype(spec.method, precision, master)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     with torch.device(dev), default_dtype(dtype):
@@ -384,11 +390,9 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
             compute_dtype=compute,
             lora_dtype=torch.float32,
         )
-    plain = stack.label == STACKS["llamaforge-plain"].label
-    fused_adamw = stack.label == STACKS["llamaforge-bf16-fused"].label
-    model.set_kernels(Kernels.none() if plain else Kernels(adamw=fused_adamw))
+    model.set_kernels(Kernels.none() if stack.plain else Kernels(adamw=stack.fused_adamw))
     model.gradient_checkpointing = True
-    model.offload_activations = stack.label == STACKS["llamaforge-offload"].label
+    model.offload_activations = stack.offload
     model.checkpoint_layers = spec.ckpt_layers
     model.set_mlp_chunk(TrainConfig().mlp_chunk_tokens)
     model.train()
@@ -409,7 +413,7 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
         "full": f"{dtype_name(dtype)} master weights + AdamW states"
         + (f", {precision} autocast" if precision != "fp32" else ""),
     }[spec.method]
-    kernels = "plain PyTorch, chunked CE" if plain else "Triton kernels, fused linear+CE"
+    kernels = "plain PyTorch, chunked CE" if stack.plain else "Triton kernels, fused linear+CE"
     if dev.type != "cuda":
         kernels = "plain PyTorch (the kernels are CUDA-only), chunked CE"
     if model.offload_activations:
@@ -812,6 +816,12 @@ def row(name: str, r: dict[str, Any], method: str) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+def cap_note(spec: dict[str, Any]) -> str:
+    """'; GPU memory capped at 79 GiB' when the run had a cap, else nothing."""
+    cap = spec.get("mem_cap_gib")
+    return f"; GPU memory capped at {cap:g} GiB" if cap else ""
+
+
 def heading(report: dict[str, Any]) -> list[str]:
     s, f, env = report["spec"], report["flops_per_token"], report["environment"]
     ceiling = env.get("ceiling_tflops")
@@ -822,8 +832,7 @@ def heading(report: dict[str, Any]) -> list[str]:
         "",
         f"device: {env.get('device', '?')}; bf16 matmul ceiling (8192^3): "
         f"{fmt(ceiling, ',.0f')} TFLOP/s; datasheet {report['peak_tflops']:.0f} TFLOP/s; "
-        f"median of {s['steps']} steps after {s['warmup']} warm-up"
-        + (f"; GPU memory capped at {s['mem_cap_gib']:g} GiB" if s.get("mem_cap_gib") else ""),
+        f"median of {s['steps']} steps after {s['warmup']} warm-up{cap_note(s)}",
         f"model FLOPs/token: {si(f['total'])} = {f['dense'] / f['N']:.0f}N "
         f"(N = {si(f['N'], '')}) + attention {si(f['attention'])} (non-causal)"
         + (
@@ -888,8 +897,7 @@ def sweep_markdown(report: dict[str, Any], stacks: list[str]) -> str:
         f"sequence lengths {','.join(report['sweep'])}{lora}",
         "",
         f"device: {env.get('device', '?')}; median of {s['steps']} steps after "
-        f"{s['warmup']} warm-up; peak = peak allocated GB of the training steps"
-        + (f"; GPU memory capped at {s['mem_cap_gib']:g} GiB" if s.get("mem_cap_gib") else ""),
+        f"{s['warmup']} warm-up; peak = peak allocated GB of the training steps{cap_note(s)}",
         "",
         "| seq | " + " | ".join(f"{n} tokens/s | {n} peak GB" for n in stacks) + " |",
         "|---|" + "---|---|" * len(stacks),

@@ -6,6 +6,8 @@ H query heads, K key/value heads, D head dim, C model width.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -195,12 +197,11 @@ class MLP(nn.Module):
         b, t = x.shape[0], x.shape[1]
         if not self.chunk_tokens or b * t <= self.chunk_tokens or t == 1:
             return self._swiglu_mlp(x)
+        run = self._swiglu_mlp
+        if torch.is_grad_enabled():
+            run = functools.partial(torch.utils.checkpoint.checkpoint, run, use_reentrant=False)
         step = max(1, self.chunk_tokens // b)
-        if not torch.is_grad_enabled():
-            return torch.cat([self._swiglu_mlp(c) for c in x.split(step, dim=1)], dim=1)
-        ckpt = torch.utils.checkpoint.checkpoint
-        parts = [ckpt(self._swiglu_mlp, c, use_reentrant=False) for c in x.split(step, dim=1)]
-        return torch.cat(parts, dim=1)
+        return torch.cat([run(c) for c in x.split(step, dim=1)], dim=1)
 
     def _swiglu_mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.kernels.swiglu))
@@ -328,9 +329,8 @@ class Llama(nn.Module):
 
     def _checkpointed(self, layer: nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
         """Run a block under activation checkpointing, its saved input in CPU memory if asked."""
-        if not self.offload_activations or x.device.type == "cpu":
-            return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
-        with offload_saved_tensors():
+        offload = self.offload_activations and x.device.type != "cpu"
+        with offload_saved_tensors() if offload else contextlib.nullcontext():
             return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
 
     def forward(
