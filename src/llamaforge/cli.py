@@ -1,4 +1,7 @@
-"""The `llamaforge` command line: generate, chat, perplexity, convert."""
+"""The `llamaforge` command line.
+
+Verbs: train, eval, score, generate, chat, perplexity, convert, merge (`llamaforge VERB -h`).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import UserError
+
 MODEL_HELP = "a Hugging Face folder, a .gguf file, or the built-in name smollm2-135m-instruct"
-
-
-_USER_ERRORS = {"ConfigError", "TemplateError", "DataError", "AdapterError", "NonFiniteLossError"}
-
-
-class UserError(ValueError):
-    """An error caused by the user's input: printed as one line, exit code 2."""
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +34,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every verb."""
-    parser = argparse.ArgumentParser(prog="llamaforge", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="llamaforge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="verb", required=True)
 
     g = sub.add_parser("generate", help="complete a prompt")
@@ -324,9 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(e: BaseException) -> bool:
     """Errors about the user's input (they name file:line, key or path): one line, exit 2."""
-    if isinstance(e, UserError | FileNotFoundError | NotADirectoryError):
-        return True
-    return any(c.__name__ in _USER_ERRORS for c in type(e).__mro__)
+    return isinstance(e, UserError | FileNotFoundError | NotADirectoryError)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 # Reasons a row is bad; the pipeline's report counts rows per reason.
 MISSING_FIELD = "missing field"
 WRONG_TYPE = "wrong type"
@@ -55,7 +57,7 @@ class BadRow(Exception):
         self.reason, self.detail, self.field = reason, detail, field
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem with its place: ``file:line: reason: detail``."""
 
     def __init__(self, where: str, reason: str, detail: str = "") -> None:

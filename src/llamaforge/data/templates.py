@@ -20,11 +20,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llamaforge.data.tokenizer import Tokenizer
 
+from ..errors import UserError
+
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A conversation or template that cannot be rendered."""
 
 

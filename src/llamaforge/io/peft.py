@@ -24,6 +24,7 @@ from torch import nn
 from ..adapters.inject import layer_index
 from ..adapters.lora import LoRALinear, adapter_names, check_adapters, lora_modules, set_adapter
 from ..adapters.nf4 import NF4Linear
+from ..errors import UserError
 from .atomic import write_dir_atomic
 from .hf import hf_to_ours, ours_to_hf
 
@@ -89,7 +90,7 @@ _UNSUPPORTED = (
 )
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """A PEFT adapter folder does not fit the model or uses options we do not support."""
 
 

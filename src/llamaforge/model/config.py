@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A model configuration is malformed or describes an architecture we do not support."""
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..config import TrainConfig, validate
+from ..errors import UserError
 from ..losses import count_label_tokens
 from .batches import Batch, BatchSource
 from .checkpoint import (
@@ -45,7 +46,7 @@ CountFn = Callable[[Batch], int]
 CHECKPOINT_DIR = "checkpoints"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss (or gradient) was NaN/inf for too many optimizer steps in a row."""
 
 
