@@ -58,6 +58,9 @@ class LoRALinear(nn.Module):
         self.disabled = False
         self._rows: list[tuple[str, torch.Tensor]] | None = None  # (adapter, row indices)
         self._batch = 0
+        # Serving: an object whose `delta(x)` is each row's own adapter delta from gathered
+        # weights (serve.lora_stack), or None when it is not running a batch; then as above.
+        self.gathered = None
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +92,17 @@ class LoRALinear(nn.Module):
         self.scaling[name] = lora_scaling(r, alpha, rslora)
         if self.active is None:
             self.active = name
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name` from this layer (the active one falls back to None)."""
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter {name!r} on this layer (has {list(self.lora_A)})")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        for table in (self.rank, self.alpha, self.rslora, self.scaling):
+            table.pop(name)
+        if self.active == name:
+            self.active = None
 
     def quantize_(
         self,
@@ -126,6 +140,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out)."""
         y = self.base_forward(x)
+        gathered = self.gathered
+        if gathered is not None and gathered.running:
+            return gathered.add_delta(x, y)
         if self.disabled or not self.lora_A:
             return y
         if self._rows is not None:

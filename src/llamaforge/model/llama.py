@@ -153,6 +153,8 @@ class Attention(nn.Module):
         if isinstance(mask, Segments):  # packed rows, no cache: (B*T, H, D) per document
             out = varlen_attention(q, k, v, mask.cu_seqlens, mask.max_len)  # (B*T, H, D)
             return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        if cache is not None and hasattr(cache, "attend"):  # a cache with per-row lengths
+            return self.o_proj(cache.attend(self.layer, q, k, v))  # stores k/v, (B, T, H*D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
         gqa = {}
