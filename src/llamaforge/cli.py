@@ -1,6 +1,7 @@
 """The `llamaforge` command line.
 
-Verbs: train, eval, score, generate, chat, perplexity, convert, merge (`llamaforge VERB -h`).
+Verbs: train, eval, score, generate, chat, serve, perplexity, convert, merge
+(`llamaforge VERB -h`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma list, one adapter NAME (or none) per --prompt, in one batched call",
     )
+    from .serve.launch import add_serve_args
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
+    _add_model_args(s)
+    add_serve_args(s)
     return parser
 
 
@@ -137,16 +143,32 @@ def _load_adapters(model, specs: list[str], use: str | None) -> None:
     set_adapter(model, None if use == "none" else (use or names[0]))
 
 
+def _engine(model, tok, prompts: list[list[int]], params):
+    """An engine sized for these prompts; it serves the model's loaded adapters."""
+    from .serve.engine import Engine
+
+    max_len = max(len(p) for p in prompts) + params.max_new_tokens + 1
+    return Engine(model, decode=tok.decode, max_batch=len(prompts), max_len=max_len)
+
+
+def _active_adapter(model) -> str | None:
+    """The adapter `_load_adapters` switched on (None: the base)."""
+    from .adapters.lora import lora_modules
+
+    return next((m.active for _, m in lora_modules(model)), None)
+
+
 def _stream(model, tok, ids: list[int], params) -> list[int]:
-    """Generate for one prompt, printing text to stdout as it is produced."""
-    from .model.generate import TextStream, generate
+    """Generate for one prompt on the engine, printing text to stdout as it is produced."""
+    from .model.generate import TextStream
 
     stream = TextStream(tok.decode, params.stop_strings)
 
     def show(_row: int, token: int) -> None:
         print(stream.push(token), end="", flush=True)
 
-    out = generate(model, [ids], params, decode=tok.decode, on_token=show)
+    engine = _engine(model, tok, [ids], params)
+    out = engine.generate([ids], params, [_active_adapter(model)], on_token=show)
     print(stream.flush(), flush=True)
     return out[0]
 
@@ -178,19 +200,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_rows(model, prompts, params, tok, row_adapters: str | None) -> list[list[int]]:
-    """One batched call; with row_adapters each row runs its own adapter (or none)."""
-    from .adapters.lora import row_adapters as rows_ctx
-    from .model.generate import generate
+    """One engine run; with row_adapters each row runs its own adapter (or none)."""
+    from .serve.engine import UnknownAdapter
 
     if row_adapters is None:
-        return generate(model, prompts, params, decode=tok.decode)
-    names = [None if n.strip() in ("", "none") else n.strip() for n in row_adapters.split(",")]
+        names = [_active_adapter(model)] * len(prompts)
+    else:
+        names = [None if n.strip() in ("", "none") else n.strip() for n in row_adapters.split(",")]
     if len(names) != len(prompts):
         raise UserError(f"--row-adapters has {len(names)} names for {len(prompts)} prompts")
     try:
-        with rows_ctx(model, names):
-            return generate(model, prompts, params, decode=tok.decode)
-    except KeyError as e:
+        return _engine(model, tok, prompts, params).generate(prompts, params, names)
+    except UnknownAdapter as e:
         raise UserError(f"--row-adapters: unknown adapter {e}") from None
 
 
@@ -220,6 +241,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print("assistant> ", end="", flush=True)
         out = _stream(model, tok, ids, params)
         history.append({"role": "assistant", "content": tok.decode(out).strip()})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model and its adapters over an OpenAI-compatible HTTP API."""
+    from .serve.launch import serve_command
+
+    return serve_command(args)
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
@@ -302,6 +330,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "serve": cmd_serve,
     "perplexity": cmd_perplexity,
     "convert": cmd_convert,
     "train": cmd_train,

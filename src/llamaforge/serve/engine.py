@@ -27,7 +27,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -156,6 +156,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.finished: Counter[str] = Counter()  # requests per finish reason
 
     # ------------------------------------------------------------------ adapters
 
@@ -460,6 +461,7 @@ class Engine:
             return
         r.finish_reason, r.pending = reason, None
         r.finished_at = time.perf_counter()
+        self.finished[reason] += 1
         if r.on_finish is not None:
             try:
                 r.on_finish(r)
