@@ -76,8 +76,12 @@ class SlotStack:
         if sel.mask is None:
             return y
         c = sel.cols
-        h = torch.matmul(x.to(self.a.dtype), self.a[:c].T) * sel.mask  # (B, T, cols)
-        return y + torch.matmul(h, self.bt[:c]).to(y.dtype)
+        h = torch.matmul(x.to(self.a.dtype), self.a[:c].T).mul_(sel.mask)  # (B, T, cols)
+        if y.dtype != self.bt.dtype:
+            return y + torch.matmul(h, self.bt[:c]).to(y.dtype)
+        # y + h @ B^T in one matmul-with-add (3 kernels per layer in all)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, c), self.bt[:c])
+        return out.view(y.shape)
 
     def write(self, slot: int, layer: LoRALinear, name: str | None) -> None:
         """Copy adapter `name` of the layer into `slot` (None, or absent there: zeros)."""
