@@ -311,7 +311,9 @@ class _Server:
 
     # -------------------------------------------------------------- requests
 
-    def sampling(self, body: _Sampling, max_tokens: int | None, prompt_len: int) -> SamplingParams:
+    def sampling(
+        self, body: _Sampling, max_tokens: int | None, prompt_len: int, where: str = "messages"
+    ) -> SamplingParams:
         lim = self.limits
         if body.frequency_penalty or body.presence_penalty:
             raise APIError(
@@ -332,7 +334,7 @@ class _Server:
             raise APIError(
                 400,
                 f"the prompt has {prompt_len} tokens; at most {self.max_prompt} are allowed",
-                param="messages",
+                param=where,
                 code="context_length_exceeded",
             )
         room = self.engine.max_len - prompt_len
@@ -580,7 +582,7 @@ class _Server:
         prompts = self.completion_prompts(body)
         if len(prompts) * body.n > self.limits.max_n:
             raise APIError(400, f"prompts x n must be at most {self.limits.max_n}", param="n")
-        params = [self.sampling(body, body.max_tokens, len(p)) for p in prompts]
+        params = [self.sampling(body, body.max_tokens, len(p), "prompt") for p in prompts]
         if body.logprobs is not None and body.logprobs > self.limits.max_legacy_logprobs:
             raise APIError(
                 400, f"logprobs must be at most {self.limits.max_legacy_logprobs}", param="logprobs"

@@ -131,7 +131,8 @@ class Engine:
     ) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
-        self.model = model.eval()
+        self.model = model  # not switched to eval: the decoder has no dropout, and a
+        # training caller (rollouts) keeps its mode; engine forwards run under inference_mode
         self.decode = decode
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = max_len or model.cfg.max_seq_len
