@@ -25,3 +25,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --no-deps -e .
   echo "$want" >"$stamp"
 fi
+# llama.cpp checks GGUF exports (tests/test_gguf_export.py): Node.js from Debian where missing,
+# then node-llama-cpp and its prebuilt CPU binary, pinned by tools/llamacpp/package-lock.json.
+if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo_=$([ "$(id -u)" = 0 ] || echo sudo)
+  { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq nodejs npm; } >/dev/null ||
+    echo "setup: could not install Node.js; the llama.cpp tests will be skipped" >&2
+fi
+if command -v npm >/dev/null 2>&1; then
+  nstamp=tools/llamacpp/node_modules/.llamaforge-installed
+  nwant=$(sha256sum tools/llamacpp/package-lock.json | cut -c1-16)
+  if [ "$(cat "$nstamp" 2>/dev/null)" != "$nwant" ]; then
+    (cd tools/llamacpp && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --omit=optional \
+      --no-audit --no-fund --loglevel=error)
+    echo "$nwant" >"$nstamp"
+  fi
+fi

@@ -1,7 +1,7 @@
 """The `llamaforge` command line.
 
-Verbs: train, eval, score, generate, chat, serve, perplexity, convert, merge
-(`llamaforge VERB -h`).
+Verbs: train, eval, score, generate, chat, serve, perplexity, convert, merge, export,
+quantize (`llamaforge VERB -h`).
 """
 
 from __future__ import annotations
@@ -91,6 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma list, one adapter NAME (or none) per --prompt, in one batched call",
     )
+    for q in (g, c):
+        q.add_argument(
+            "--quantize",
+            type=int,
+            choices=[8, 4],
+            default=None,
+            help="quantise the weights at load time: 8 = int8 per channel, 4 = NF4",
+        )
+    from .io.gguf_write import DEFAULT_TYPE, EXPORT_TYPES
+
+    x = sub.add_parser("export", help="write a llama.cpp GGUF file (adapter merged first)")
+    _add_model_args(x)
+    x.add_argument("out_file", help="OUT.gguf")
+    x.add_argument("--adapter", default=None, help="a PEFT LoRA/QLoRA adapter folder to merge")
+    x.add_argument("--type", default=DEFAULT_TYPE, choices=EXPORT_TYPES, help="tensor type")
+    x.add_argument("--name", default=None, help="general.name (default: the file's stem)")
+    qz = sub.add_parser("quantize", help="int8 / NF4 weight-only quantised folder for serving")
+    _add_model_args(qz)
+    qz.add_argument("out_dir")
+    qz.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    qz.add_argument("--adapter", default=None, help="a PEFT adapter folder to merge first")
     from .serve.launch import add_serve_args
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
@@ -118,6 +139,10 @@ def _load(args: argparse.Namespace):
     from .io.load import load_model
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    if getattr(args, "quantize", None):
+        from .quantize import quantize_model
+
+        model = quantize_model(model, args.quantize)
     adapters = getattr(args, "adapter", None) or []
     if adapters:
         _load_adapters(model, adapters, getattr(args, "use", None))
@@ -327,6 +352,43 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merged(args: argparse.Namespace):
+    """(model, tokenizer) in float32 with `--adapter` merged (QLoRA: onto its NF4 base)."""
+    from .io.load import load_model
+    from .train.recipe import merge_adapter
+
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise UserError(f"--adapter {args.adapter}: no such adapter folder")
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype or "float32")
+    if args.adapter:
+        model = merge_adapter(model, Path(args.adapter))
+    return model, tok
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a GGUF file that llama.cpp runs; prints what was written as one JSON line."""
+    from .io.gguf_write import export_gguf
+
+    out = Path(args.out_file)
+    model, tok = _merged(args)
+    rep = export_gguf(model, tok, out, qtype=args.type, name=args.name or out.stem)
+    print(json.dumps({"path": str(rep.path), "type": rep.qtype, "bytes": rep.bytes}))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write a weight-only quantised folder that `load_model` reads back as stored."""
+    from .quantize import quantize_model, save_quantized, weight_bytes
+
+    model, tok = _merged(args)
+    before = weight_bytes(model)
+    model = quantize_model(model, args.bits)
+    save_quantized(model, tok, args.out_dir, args.bits)
+    info = {"path": args.out_dir, "bits": args.bits, "bytes_before": before}
+    print(json.dumps(info | {"bytes_after": weight_bytes(model)}))
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
@@ -336,6 +398,8 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "merge": cmd_merge,
+    "export": cmd_export,
+    "quantize": cmd_quantize,
 }
 
 

@@ -78,19 +78,21 @@ def load_model(
     dtype: str | torch.dtype | None = None,
 ):
     """Load (Llama, Tokenizer) from a HF folder, a .gguf file or a built-in name."""
-    from ..data.tokenizer import load_tokenizer, tokenizer_from_gguf_fields
-    from .gguf import config_from_gguf, gguf_state_dict, open_gguf
+    from ..data.tokenizer import load_tokenizer
+    from .gguf import load_gguf
     from .hf import build_from_state_dict, load_hf
 
     path = resolve_model_path(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    if path.is_dir() and (path / "llamaforge_quant.json").is_file():
+        from ..quantize import load_quantized
+
+        return load_quantized(path, device=dev, dtype=dt), load_tokenizer(path)
     if path.is_dir():
         return load_hf(path, device=dev, dtype=dt).eval(), load_tokenizer(path)
     if path.suffix != ".gguf":
         raise ConfigError(f"{path}: expected a Hugging Face folder or a .gguf file")
-    reader = open_gguf(path)
-    cfg = config_from_gguf(reader, str(path))
-    sd = gguf_state_dict(reader, cfg)
+    cfg, sd, tok = load_gguf(path)
     net = build_from_state_dict(cfg, sd, device=dev, dtype=dt, where=str(path))
-    return net.eval(), tokenizer_from_gguf_fields(reader)
+    return net.eval(), tok
