@@ -123,3 +123,20 @@ def test_smollm2_int8_keeps_perplexity(smol):
     base = perplexity(model, ids, window=1024).perplexity
     q = quantize_model(copy.deepcopy(model), 8)
     assert abs(perplexity(q, ids, window=1024).perplexity / base - 1) < 0.01
+
+
+def test_benchmark_runs_tiny(tmp_path):
+    """benchmarks/export_quant.py's quant part (the GPU benchmark) in its tiny CPU mode."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "export_quant.py"
+    spec = importlib.util.spec_from_file_location("bench_export_quant", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = random_model("tiny-llama3")
+    res = bench.part_quant(model, list(range(1, 40)), 32, 4)
+    assert set(res) == {"fp32", "bf16", "int8", "nf4"}
+    assert res["int8"]["weight_bytes"] < res["bf16"]["weight_bytes"] < res["fp32"]["weight_bytes"]
+    assert res["nf4"]["weight_bytes"] < res["int8"]["weight_bytes"]
+    assert all(r["decode_tok_s"] > 0 and r["ppl"] > 1 for r in res.values())
