@@ -23,3 +23,17 @@ def random_model(name: str, seed: int = 0, **overrides) -> Llama:
             else:
                 p.normal_(0, 0.08)
     return model.eval()
+
+
+def tiny_hf_folder(d, seed: int = 3):
+    """A tiny Hugging Face folder: random tiny-llama3 weights + the tiny fixture tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    from llamaforge.io.hf import save_hf
+
+    d = Path(d)
+    save_hf(random_model("tiny-llama3", seed=seed), d)
+    tok = Path(__file__).parent / "fixtures" / "data" / "tiny_tokenizer" / "tokenizer.json"
+    shutil.copy(tok, d / "tokenizer.json")
+    return d

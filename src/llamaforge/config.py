@@ -59,7 +59,17 @@ def _default_output_dir() -> str:
 
 
 DATA_FORMATS = Literal[
-    "alpaca", "dialogsum", "messages", "sharegpt", "text", "chitchat_chat", "chitchat_topic", "auto"
+    "alpaca",
+    "dialogsum",
+    "messages",
+    "sharegpt",
+    "text",
+    "preference",
+    "chitchat_chat",
+    "chitchat_topic",
+    "chitchat_next_turn",
+    "chitchat_ratings",
+    "auto",
 ]
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -86,6 +96,10 @@ class DataConfig:
     system: str | None = None
     val_path: str | None = None
     max_words: int | None = _f(None, AT_LEAST_1)  # chitchat_topic: dialogue cut (default 350)
+    # preference pairs: the prompt keeps at most this many tokens when a pair is too long
+    # (default max_seq_len // 2), cut from the left (keeps its end) or the right
+    max_prompt_len: int | None = _f(None, AT_LEAST_1)
+    prompt_truncation: Literal["left", "right"] = "left"
 
 
 @dataclass
@@ -176,6 +190,30 @@ class LoggingConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Reward model (`stage: rm`): loss -log σ(r_chosen - r_rejected - margin) + centring."""
+
+    margin: float = 0.0
+    center_coef: float = _f(0.0, NON_NEGATIVE)  # weight of (r_c + r_r)^2, keeps rewards near 0
+
+
+@dataclass
+class DpoConfig:
+    """Direct preference optimisation (`stage: dpo`) and its relatives.
+
+    reference: `auto` is the base with adapters switched off for lora/qlora (no second copy
+    in memory) and log-probs precomputed once for full/freeze; `precompute` always
+    precomputes (before training, with the starting weights).
+    """
+
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
+    beta: float = _f(0.1, POSITIVE)
+    gamma: float = _f(0.5, NON_NEGATIVE)  # SimPO's target margin
+    label_smoothing: float = _f(0.0, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))
+    reference: Literal["auto", "adapters_off", "precompute"] = "auto"
+
+
+@dataclass
 class TrainConfig:
     """What the shared training loop needs (a view of RunConfig, or built directly)."""
 
@@ -201,7 +239,7 @@ class RunConfig:
 
     model: str
     data: DataConfig
-    stage: Literal["pt", "sft"] = "sft"
+    stage: Literal["pt", "sft", "rm", "dpo"] = "sft"
     method: Literal["full", "freeze", "lora", "qlora"] = "lora"
     output_dir: str = field(default_factory=_default_output_dir)
     seed: int = _f(0, NON_NEGATIVE)
@@ -217,6 +255,8 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     qlora: QloraConfig = field(default_factory=QloraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -437,10 +477,13 @@ def _coerce_scalar(value: Any, tp: type, bad: ConfigError) -> Any:
     return value
 
 
-def _cross_checks(cfg: RunConfig, origins: _Origins) -> None:
-    """Rules spanning several keys."""
-    if cfg.data.val_size + cfg.data.test_size >= 1:
-        raise origins.error("data.test_size", "keys 'data.val_size' + 'data.test_size' must be < 1")
+PAIR_FORMATS = ("preference", "chitchat_next_turn", "chitchat_ratings")
+
+
+def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
+    """Rules spanning several keys (those of the loop for a TrainConfig too)."""
+    if isinstance(cfg, RunConfig):
+        _run_checks(cfg, origins)
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume.strip():
         raise origins.error("checkpoint.resume", "key 'checkpoint.resume': empty path")
     if cfg.activation_offload and not cfg.activation_checkpointing:
@@ -454,6 +497,28 @@ def _cross_checks(cfg: RunConfig, origins: _Origins) -> None:
             "activation_checkpointing_layers",
             "key 'activation_checkpointing_layers' needs 'activation_checkpointing: true' (it "
             "says how many blocks are checkpointed)",
+        )
+
+
+def _run_checks(cfg: RunConfig, origins: _Origins) -> None:
+    """Rules of a whole run: data splits, and stages with the data they need."""
+    if cfg.data.val_size + cfg.data.test_size >= 1:
+        raise origins.error("data.test_size", "keys 'data.val_size' + 'data.test_size' must be < 1")
+    pairs = cfg.data.format in PAIR_FORMATS
+    if cfg.stage in ("rm", "dpo") and not pairs and cfg.data.format != "auto":
+        raise origins.error(
+            "data.format",
+            f"stage {cfg.stage} trains on preference pairs: data.format must be one of "
+            f"{', '.join(PAIR_FORMATS)}, got {cfg.data.format!r}",
+        )
+    if pairs and cfg.stage not in ("rm", "dpo"):
+        raise origins.error(
+            "stage", f"data.format {cfg.data.format} holds preference pairs: use stage rm or dpo"
+        )
+    if cfg.dpo.reference == "adapters_off" and cfg.method not in ("lora", "qlora"):
+        raise origins.error(
+            "dpo.reference",
+            "key 'dpo.reference': adapters_off needs method lora or qlora (use precompute)",
         )
 
 
@@ -483,7 +548,7 @@ def validate(cfg: Any) -> None:
     """Check a config dataclass built in code with the same rules as a loaded one."""
     origins = _Origins(f"<{type(cfg).__name__}>")
     _build(type(cfg), dataclasses.asdict(cfg), "", origins)
-    if isinstance(cfg, RunConfig):
+    if isinstance(cfg, RunConfig | TrainConfig):
         _cross_checks(cfg, origins)
 
 

@@ -8,6 +8,7 @@ Labels follow Hugging Face's shift convention: logits at position t predict labe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,3 +89,181 @@ def chunked_causal_lm_loss_fn(
     if kernels is not None and kernels.fused_ce and type(model.lm_head) is nn.Linear:
         return fused_ce_sum(hidden, model.lm_head, batch["labels"])
     return chunked_ce_sum(hidden, model.lm_head, batch["labels"], chunk_size)
+
+
+# ---------------------------------------------------------------- preference pairs
+#
+# Pair batches hold 2B rows: the B chosen sequences first, then the B rejected ones
+# (`train.batches.collate_pairs`), so chosen and rejected go through the model in one
+# forward pass. Pair losses return (sum over pairs, number of pairs, metric sums).
+
+PairLossOut = tuple[Tensor, Tensor, dict[str, Tensor]]
+
+
+def count_pairs(batch: dict[str, Tensor]) -> int:
+    """Number of preference pairs in a pair batch (the unit pair losses average over)."""
+    return batch["input_ids"].shape[0] // 2
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Summed log-probability of each row's labelled tokens, and their count: (N,), (N,)."""
+    logits = model(batch["input_ids"], **model_inputs(batch))  # (N, T, V)
+    labels = batch["labels"][:, 1:]  # (N, T-1)
+    mask = labels != IGNORE_INDEX
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none"
+    )  # (N, T-1)
+    return -(nll * mask).sum(1), mask.sum(1)
+
+
+def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Scalar reward of each row from its last real token: (N,) float32.
+
+    Rows are right-padded (`seq_lens` gives each length), or left-padded with an
+    `attention_mask` (positions and a pad mask are built from it), with equal scores.
+    """
+    from .model.llama import padded_causal_mask
+
+    ids = batch["input_ids"]  # (N, T)
+    if "attention_mask" in batch:
+        am = batch["attention_mask"]
+        positions = (am.cumsum(1) - 1).clamp(min=0)
+        mask = padded_causal_mask(am, ids.shape[1], 0)
+        hidden = model.hidden_states(ids, positions=positions, mask=mask)
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+    else:
+        hidden = model.hidden_states(ids, **model_inputs(batch))  # (N, T, C)
+        last = batch["seq_lens"].to(ids.device) - 1
+    h = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # (N, C)
+    return model.score(h).squeeze(-1).float()
+
+
+def reward_pair_loss(
+    chosen: Tensor, rejected: Tensor, margin: float = 0.0, center_coef: float = 0.0
+) -> Tensor:
+    """Per-pair -log sigmoid(r_chosen - r_rejected - margin) + coef * (r_c + r_r)^2: (B,)."""
+    loss = -F.logsigmoid(chosen - rejected - margin)
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected) ** 2
+    return loss
+
+
+def reward_loss_fn(margin: float = 0.0, center_coef: float = 0.0):
+    """Pairwise reward-model loss on a pair batch: (sum, pairs, {accuracy, margin sums})."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> PairLossOut:
+        chosen, rejected = reward_scores(model, batch).chunk(2)
+        losses = reward_pair_loss(chosen, rejected, margin, center_coef)
+        diff = (chosen - rejected).detach()
+        extras = {
+            "accuracy": (diff > 0).float().sum(),
+            "margin": diff.sum(),
+            "reward_chosen": chosen.detach().sum(),
+            "reward_rejected": rejected.detach().sum(),
+        }
+        return losses.sum(), torch.tensor(len(chosen), device=losses.device), extras
+
+    return loss_fn
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def dpo_pair_loss(
+    loss_type: str,
+    logp_c: Tensor,
+    logp_r: Tensor,
+    n_c: Tensor,
+    n_r: Tensor,
+    ref_c: Tensor | None = None,
+    ref_r: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Per-pair loss of the DPO family from summed log-probs (B,) and token counts (B,).
+
+    sigmoid (DPO): -log σ(β Δ), Δ = (logp_c - ref_c) - (logp_r - ref_r), with optional
+    label smoothing; hinge: relu(1 - β Δ); ipo: (Δ/len - 1/(2β))² on per-token log-ratios;
+    simpo (no reference): -log σ(β (avg_c - avg_r) - γ); orpo (no reference): the chosen
+    answer's mean NLL - β log σ(log odds(avg_c) - log odds(avg_r)).
+    """
+    n_c, n_r = n_c.clamp(min=1).float(), n_r.clamp(min=1).float()
+    if loss_type == "simpo":
+        return -F.logsigmoid(beta * (logp_c / n_c - logp_r / n_r) - gamma)
+    if loss_type == "orpo":
+        avg_c, avg_r = logp_c / n_c, logp_r / n_r
+        log_odds = (avg_c - avg_r) - (torch.log1p(-avg_c.exp()) - torch.log1p(-avg_r.exp()))
+        return -avg_c - beta * F.logsigmoid(log_odds)
+    if ref_c is None or ref_r is None:
+        raise ValueError(f"dpo loss {loss_type!r} needs reference log-probs")
+    chosen_ratio, rejected_ratio = logp_c - ref_c, logp_r - ref_r
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        ls = label_smoothing
+        return -(1 - ls) * F.logsigmoid(beta * delta) - ls * F.logsigmoid(-beta * delta)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if loss_type == "ipo":
+        return (chosen_ratio / n_c - rejected_ratio / n_r - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown dpo loss {loss_type!r}; use one of {', '.join(DPO_LOSSES)}")
+
+
+ReferenceFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, Tensor]]
+
+
+def dpo_loss_fn(
+    loss_type: str,
+    *,
+    beta: float,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    reference: ReferenceFn | None = None,
+):
+    """DPO-family loss on a pair batch: (sum, pairs, metric sums).
+
+    `reference(model, batch)` returns the reference model's summed log-probs of every row
+    (2B,) — the base with adapters switched off, or precomputed values; reference-free
+    losses (simpo, orpo) need none. Metrics: implicit rewards β (logp - ref) of both sides,
+    their accuracy and margin, and the policy's chosen/rejected log-probs (a falling chosen
+    log-prob is a known DPO failure, so it is logged).
+    """
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> PairLossOut:
+        logps, counts = sequence_logps(model, batch)
+        logp_c, logp_r = logps.chunk(2)
+        n_c, n_r = counts.chunk(2)
+        ref_c = ref_r = None
+        if loss_type not in REFERENCE_FREE:
+            with torch.no_grad():
+                ref_c, ref_r = reference(model, batch)
+        losses = dpo_pair_loss(
+            loss_type,
+            logp_c,
+            logp_r,
+            n_c,
+            n_r,
+            ref_c,
+            ref_r,
+            beta=beta,
+            gamma=gamma,
+            label_smoothing=label_smoothing,
+        )
+        if ref_c is None:  # reference-free: rewards are the scaled mean log-probs
+            rc, rr = beta * logp_c / n_c.clamp(min=1), beta * logp_r / n_r.clamp(min=1)
+        else:
+            rc, rr = beta * (logp_c - ref_c), beta * (logp_r - ref_r)
+        rc, rr = rc.detach(), rr.detach()
+        extras = {
+            "accuracy": (rc > rr).float().sum(),
+            "margin": (rc - rr).sum(),
+            "reward_chosen": rc.sum(),
+            "reward_rejected": rr.sum(),
+            "logp_chosen": logp_c.detach().sum(),
+            "logp_rejected": logp_r.detach().sum(),
+        }
+        return losses.sum(), torch.tensor(len(logp_c), device=losses.device), extras
+
+    return loss_fn

@@ -7,6 +7,8 @@ Formats (the field names are ours; ``data.columns`` renames a user's schema to t
 - ``messages``: ``messages: [{"role": system|user|assistant, "content": str}, ...]``.
 - ``sharegpt``: ``conversations: [{"from": human|gpt|system, "value": str}, ...]``.
 - ``text``: ``text`` (raw documents for continued pretraining).
+- ``preference``: ``prompt``, ``chosen``, ``rejected`` (pairs for reward models and DPO; see
+  ``preference``).
 - ``auto``: pick one of the above from the columns present.
 
 A row that cannot be used raises ``BadRow`` with a reason from ``sources`` and a detail.
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .preference import Preference, to_preference
 from .sources import (
     EMPTY_CONVERSATION,
     EMPTY_RESPONSE,
@@ -31,7 +34,7 @@ from .sources import (
     Row,
 )
 
-FORMATS = ("alpaca", "dialogsum", "messages", "sharegpt", "text", "auto")
+FORMATS = ("alpaca", "dialogsum", "messages", "sharegpt", "text", "preference", "auto")
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -75,7 +78,7 @@ class Text:
     text: str
 
 
-Sample = Chat | Alpaca | Dialogue | Text
+Sample = Chat | Alpaca | Dialogue | Text | Preference
 
 
 def detect_format(rows: Sequence[Row]) -> str:
@@ -89,13 +92,10 @@ def detect_format(rows: Sequence[Row]) -> str:
         ("alpaca", {"instruction", "output"}),
         ("dialogsum", {"dialogue", "summary"}),
         ("text", {"text"}),
+        ("preference", {"chosen", "rejected"}),
     ):
         if needed <= keys:
             return fmt
-    if {"chosen", "rejected"} <= keys:
-        raise DataError(
-            "data.format", "preference pairs", "prompt/chosen/rejected rows are not SFT data"
-        )
     raise DataError(
         "data.format",
         "cannot detect the format",
@@ -114,6 +114,8 @@ def to_sample(data: dict[str, Any], fmt: str, *, text_key: str = "text") -> Samp
         return Chat(check_messages(_field(data, "messages", list)))
     if fmt == "sharegpt":
         return Chat(check_messages(sharegpt_messages(_field(data, "conversations", list))))
+    if fmt == "preference":
+        return to_preference(data)
     if fmt == "text":
         text = _field(data, text_key, str)
         if not text.strip():

@@ -34,9 +34,10 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from . import chitchat, formats, pack, sources
+from ..config import DataConfig
+from . import chitchat, formats, pack, preference, sources
 from .cache import (
     cache_file,
     cache_key,
@@ -47,6 +48,7 @@ from .cache import (
     tokenizer_fingerprint,
 )
 from .formats import SUMMARIZE_REQUEST, Alpaca, Chat, Dialogue, Sample, Text
+from .preference import PAIR_SETTINGS, Preference, pair_sequences, tokenize_pair
 from .sources import ZERO_TRAINABLE, BadRow, DataError, Row
 from .templates import (
     TemplateError,
@@ -57,36 +59,15 @@ from .templates import (
 )
 from .tokenizer import Tokenizer
 
+# One source of truth for the data settings: the config's `data:` section.
+DataSpec = DataConfig
+
 Example = dict[str, list[int]]
 EvalItem = dict[str, Any]
 SPLITS = ("train", "validation", "test")
 IGNORE = -100
 MAX_LISTED_ERRORS = 20
 _NATIVE_TEMPLATES = (None, "", "auto")
-
-
-@dataclass
-class DataSpec:
-    """The data settings (the ``data:`` section of a config has the same field names)."""
-
-    path: str
-    format: str = "auto"
-    columns: dict[str, str] = field(default_factory=dict)
-    template: str = "auto"
-    max_seq_len: int = 1024
-    truncation: Literal["right", "left", "drop"] = "right"
-    packing: bool = False
-    train_on_prompt: bool = False
-    val_size: float = 0.05
-    test_size: float = 0.0
-    split_seed: int = 0
-    lenient: bool = False
-    limit: int | None = None
-    cache_dir: str | None = None
-    text_key: str = "text"
-    system: str | None = None
-    val_path: str | None = None
-    max_words: int | None = None
 
 
 @dataclass
@@ -180,7 +161,10 @@ def resolve_spec(spec: Any, **overrides: Any) -> DataSpec:
     if isinstance(spec, str | os.PathLike):
         values: dict[str, Any] = {"path": str(spec)}
     elif isinstance(spec, Mapping):
-        values = {k: v for k, v in spec.items() if k in names}
+        unknown = set(spec) - set(names)
+        if unknown:
+            raise TypeError(f"unknown data setting(s): {', '.join(sorted(unknown))}")
+        values = dict(spec)
     else:
         values = {n: getattr(spec, n) for n in names if hasattr(spec, n)}
     unknown = set(overrides) - set(names)
@@ -197,6 +181,8 @@ def check_spec(s: DataSpec, tok: Tokenizer) -> None:
         raise DataError("data.truncation", "invalid", f"{s.truncation!r}; use right, left or drop")
     if s.max_seq_len < 2:
         raise DataError("data.max_seq_len", "invalid", f"{s.max_seq_len}; must be at least 2")
+    if s.packing and s.format == "preference":
+        raise DataError("data.packing", "invalid", "preference pairs are not packed")
     known = (*formats.FORMATS, *chitchat.TASKS)
     if s.format not in known:
         raise DataError("data.format", "unknown format", f"{s.format!r}; use one of {known}")
@@ -234,7 +220,7 @@ def _code_files() -> list[Path]:
     """Source files whose behaviour shapes the cached tokens."""
     from . import templates, tokenizer
 
-    modules = (sources, formats, chitchat, pack, templates, tokenizer)
+    modules = (sources, formats, chitchat, pack, preference, templates, tokenizer)
     return [Path(m.__file__) for m in modules] + [Path(__file__)]
 
 
@@ -324,7 +310,7 @@ def _build_examples(
             if done is None:
                 report.dropped_too_long += 1
                 continue
-            if split in evals:
+            if split in evals and not isinstance(sample, Preference):
                 evals[split].append(eval_item(sample, tok, s))
         except BadRow as e:
             _bad_row(row, e, s, report)
@@ -379,6 +365,8 @@ def _why_empty(report: DataReport) -> str:
 
 def tokenize_sample(sample: Sample, tok: Tokenizer, s: DataSpec) -> tuple[Example, bool] | None:
     """(example, was truncated) for one sample; None when too long under truncation=drop."""
+    if isinstance(sample, Preference):
+        return tokenize_pair(sample, tok, **{k: getattr(s, k) for k in PAIR_SETTINGS})
     ids, mask = render_sample(sample, tok, s.template, s.system)
     if sum(mask) == 0:
         raise BadRow(ZERO_TRAINABLE, "the rendered example has no tokens to learn")
@@ -501,20 +489,21 @@ def chunk_stream(ids: list[int], max_seq_len: int) -> list[Example]:
 
 
 def _count(splits: DatasetSplits, report: DataReport) -> None:
-    """Fill per-split sequence and token counts."""
+    """Fill per-split example, sequence and token counts (a pair counts both sequences)."""
     for name in SPLITS:
         examples = getattr(splits, name)
         report.sequences[name] = len(examples)
+        if examples and "prompt_ids" in examples[0]:
+            report.examples[name] = len(examples)
+            examples = [seq for e in examples for seq in pair_sequences(e)]
+        elif examples and "doc_ids" in examples[0]:
+            report.examples[name] = sum(max(e["doc_ids"]) + 1 for e in examples)
+        else:
+            report.examples[name] = len(examples)
         report.tokens[name] = sum(len(e["input_ids"]) for e in examples)
         report.trainable_tokens[name] = sum(
             sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples
         )
-        docs = (
-            sum(max(e["doc_ids"]) + 1 for e in examples)
-            if examples and "doc_ids" in examples[0]
-            else len(examples)
-        )
-        report.examples[name] = docs
 
 
 def _to_tables(splits: DatasetSplits) -> tuple[dict[str, list[dict]], dict]:

@@ -20,7 +20,9 @@ from ..model.llama import Llama
 from .atomic import write_dir_atomic
 
 INDEX_NAME = "model.safetensors.index.json"
-_SUPPORTED_ARCH = {"LlamaForCausalLM", "MistralForCausalLM"}
+REWARD_ARCH = "LlamaForSequenceClassification"
+_SUPPORTED_ARCH = {"LlamaForCausalLM", "MistralForCausalLM", REWARD_ARCH}
+HEADS = ("score",)  # extra heads a caller may ask for: a reward model's scalar `score`
 
 
 def hf_to_ours(key: str) -> str:
@@ -28,9 +30,23 @@ def hf_to_ours(key: str) -> str:
     return key.removeprefix("model.")
 
 
+def add_score_head(model: Llama, n_labels: int = 1, weight: torch.Tensor | None = None) -> Llama:
+    """Give `model` a reward model's head `score` (hidden -> n_labels, no bias), as HF's
+    LlamaForSequenceClassification has; initialised N(0, 1/hidden) unless `weight` is given."""
+    p = model.embed_tokens.weight
+    head = torch.nn.Linear(model.cfg.dim, n_labels, bias=False, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        if weight is None:
+            head.weight.normal_(0.0, model.cfg.dim**-0.5)
+        else:
+            head.weight.copy_(weight)
+    model.score = head
+    return model
+
+
 def ours_to_hf(key: str) -> str:
     """Map one of our state-dict keys to transformers' LlamaForCausalLM naming."""
-    return key if key.startswith("lm_head.") else f"model.{key}"
+    return key if key.startswith(("lm_head.", "score.")) else f"model.{key}"
 
 
 def _require(d: dict[str, Any], key: str, where: str) -> Any:
@@ -178,16 +194,33 @@ def build_from_state_dict(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     where: str = "checkpoint",
+    heads: tuple[str, ...] = (),
 ) -> Llama:
-    """Create a model from a full state dict without allocating random weights first."""
+    """Create a model from a full state dict without allocating random weights first.
+
+    `heads` names extra heads the caller reads (e.g. "score" of a reward model); any other
+    key the model does not have is an error naming it, never silently dropped. A reward
+    model's folder has no `lm_head`: then the output head is tied to the embeddings.
+    """
+    bad_heads = set(heads) - set(HEADS)
+    if bad_heads:
+        raise ValueError(f"unknown heads {sorted(bad_heads)}; known: {HEADS}")
+    head_sd = {k: sd.pop(k) for k in list(sd) if k.split(".")[0] in heads}
+    sd = {k: v for k, v in sd.items() if "rotary_emb" not in k}
     with torch.device("meta"):
         model = Llama(cfg)
     expected = set(model.state_dict().keys())
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings or (head_sd and "lm_head.weight" not in sd):
         sd.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
     missing, unexpected = expected - sd.keys(), sd.keys() - expected
-    sd = {k: v for k, v in sd.items() if k not in unexpected and "rotary_emb" not in k}
+    if unexpected:
+        hint = (
+            " (a reward model's head: load it with heads=('score',))"
+            if any(k.startswith("score.") for k in unexpected)
+            else ""
+        )
+        raise ConfigError(f"{where}: unexpected weights {sorted(unexpected)[:5]}{hint}")
     if missing:
         raise ConfigError(f"{where}: missing weights {sorted(missing)[:5]}")
     for k, v in sd.items():
@@ -198,9 +231,14 @@ def build_from_state_dict(
             )
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
+    if "lm_head.weight" not in sd:
+        model.lm_head.weight = model.embed_tokens.weight
     model.tie_weights()
     model.inv_freq = torch.empty(cfg.head_dim // 2, device=device)
     model.reset_rope()
+    if "score.weight" in head_sd:
+        w = head_sd["score.weight"]
+        add_score_head(model, w.shape[0], w.to(device=device, dtype=dtype))
     return model
 
 
@@ -213,7 +251,18 @@ def load_hf(
     """Load a Hugging Face LLaMA folder (config.json + safetensors, sharded or not)."""
     cfg = read_config(model_dir)
     sd = load_hf_state_dict(model_dir)
-    return build_from_state_dict(cfg, sd, device=device, dtype=dtype, where=str(model_dir))
+    heads = ("score",) if is_reward_model(model_dir) else ()
+    where = str(model_dir)
+    return build_from_state_dict(cfg, sd, device=device, dtype=dtype, where=where, heads=heads)
+
+
+def is_reward_model(model_dir: str | os.PathLike) -> bool:
+    """Whether a HF folder holds a LlamaForSequenceClassification (a reward model)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return REWARD_ARCH in (json.loads(path.read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        return False
 
 
 def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -243,10 +292,11 @@ def save_hf(
     """
     out = Path(out_dir)
     dtype = dtype or model.dtype
+    reward = getattr(model, "score", None) is not None
     sd = {
         ours_to_hf(k): v.detach().to("cpu", dtype).contiguous()
         for k, v in model.state_dict().items()
-        if not (model.cfg.tie_embeddings and k == "lm_head.weight")
+        if not ((model.cfg.tie_embeddings or reward) and k == "lm_head.weight")
     }
 
     def write(tmp: Path) -> None:
@@ -264,6 +314,15 @@ def save_hf(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         config = config_to_hf(model.cfg, dtype)
+        if reward:  # transformers' LlamaForSequenceClassification reads it back
+            config["architectures"] = [REWARD_ARCH]
+            n = model.score.weight.shape[0]
+            config["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
+            config["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+            # transformers scores the last token that is not pad_token_id (it refuses
+            # batches without one); ours scores each row's last token by length.
+            if config["pad_token_id"] is None:
+                config["pad_token_id"] = model.cfg.eos_id if model.cfg.eos_id is not None else 0
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
     write_dir_atomic(out, write, lambda name: name.endswith(".safetensors") or name == INDEX_NAME)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.preference import pair_sequences
+
 Example = dict[str, Any]  # {"input_ids": list[int], "labels": list[int], ...}
 Batch = dict[str, Tensor]
 
@@ -50,6 +52,20 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         out[key] = t
     out["seq_lens"] = torch.tensor([len(ex["input_ids"]) for ex in examples])  # (B,) real
     return out
+
+
+def collate_pairs(examples: Sequence[Example], pad_id: int) -> Batch:
+    """A batch of 2B right-padded rows for preference pairs: B chosen, then B rejected.
+
+    Float fields of the examples (e.g. precomputed reference log-probs) come along as (B,)
+    tensors under their own names.
+    """
+    seqs = [pair_sequences(e) for e in examples]
+    batch = collate([s[0] for s in seqs] + [s[1] for s in seqs], pad_id)
+    for key, value in examples[0].items():
+        if isinstance(value, float):
+            batch[key] = torch.tensor([float(e[key]) for e in examples])
+    return batch
 
 
 class BatchSource:

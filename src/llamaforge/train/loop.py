@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,10 +40,29 @@ from .checkpoint import (
 from .metrics import MetricsLogger, is_main_process, plot_losses, read_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
 
-LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]
+# A loss returns (sum over its units, unit count) or (sum, count, {metric: sum over units}).
+LossFn = Callable[[nn.Module, Batch], tuple]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 CountFn = Callable[[Batch], int]
 CHECKPOINT_DIR = "checkpoints"
+
+
+@runtime_checkable
+class BatchStream(Protocol):
+    """What the loop needs of a batch source: batches, a resumable position, a length."""
+
+    def __next__(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+    def total_steps(self, epochs: float, grad_accum: int = 1) -> int: ...
+
+    @property
+    def progress(self) -> float: ...
+
+    def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]: ...
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -113,6 +132,7 @@ class WindowStats:
     loss: float
     tokens: int
     inputs: int = 0  # real (non-pad) input tokens of the window
+    extras: dict[str, float] = field(default_factory=dict)  # metric means per unit
 
 
 def accumulate_gradients(
@@ -133,21 +153,25 @@ def accumulate_gradients(
     device = _model_device(model)
     loss_sum = torch.zeros((), device=device)
     counted = torch.zeros((), dtype=torch.long, device=device)
+    extras: dict[str, Tensor] = {}
     for batch in window:
         with autocast():
-            part, n = loss_fn(model, _to_device(batch, device))
+            part, n, *more = loss_fn(model, _to_device(batch, device))
         loss = part / denom
         if loss.requires_grad:
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += part.detach().float()
         counted += n
+        for k, v in (more[0] if more else {}).items():
+            extras[k] = extras.get(k, 0.0) + v.detach().float()
     if int(counted) != total:  # one host sync per window
         raise ValueError(
             f"the loss function counted {int(counted)} trainable units but count_fn {total}; "
             "pass train(count_fn=...) that counts what the loss sums over"
         )
     inputs = sum(int(b["seq_lens"].sum()) for b in window if "seq_lens" in b)
-    return WindowStats(loss=float(loss_sum) / denom, tokens=total, inputs=inputs)
+    means = {k: float(v) / denom for k, v in extras.items()}
+    return WindowStats(loss=float(loss_sum) / denom, tokens=total, inputs=inputs, extras=means)
 
 
 def _grad_norm(params: list[Tensor], max_norm: float) -> float:
@@ -191,10 +215,10 @@ def optimizer_step(
 
 
 def _batches_of(
-    data: BatchSource | Sequence[dict] | Iterable[Batch], batch_size: int, pad_id: int
+    data: BatchStream | Sequence[dict] | Iterable[Batch], batch_size: int, pad_id: int
 ) -> Iterable[Batch]:
-    """Evaluation batches from a BatchSource (one epoch), examples, or ready batches."""
-    if isinstance(data, BatchSource):
+    """Evaluation batches from a batch source (one epoch), examples, or ready batches."""
+    if isinstance(data, BatchStream):
         return data.epoch_batches(0)
     if isinstance(data, Sequence) and data and not isinstance(data[0]["input_ids"], Tensor):
         return BatchSource(data, batch_size, pad_id=pad_id, shuffle=False).epoch_batches(0)
@@ -204,34 +228,45 @@ def _batches_of(
 @torch.no_grad()
 def evaluate_loss(
     model: nn.Module,
-    data: BatchSource | Sequence[dict] | Iterable[Batch],
+    data: BatchStream | Sequence[dict] | Iterable[Batch],
     loss_fn: LossFn,
     max_batches: int | None = None,
     *,
     batch_size: int = 8,
     pad_id: int = 0,
+    perplexity: bool = True,
 ) -> dict[str, float]:
-    """Token-weighted validation loss and its perplexity: {"val_loss", "val_ppl"}."""
+    """Unit-weighted validation loss, its perplexity (LM losses) and the loss's metrics.
+
+    Returns {"val_loss", "val_ppl"} (perplexity=True) plus "val_<metric>" per metric the
+    loss function reports (e.g. a reward model's val_accuracy).
+    """
     was_training = model.training
     model.eval()
     device = _model_device(model)
     total, count = 0.0, 0
+    extras: dict[str, float] = {}
     try:
         for i, batch in enumerate(_batches_of(data, batch_size, pad_id)):
             if max_batches is not None and i >= max_batches:
                 break
-            part, n = loss_fn(model, _to_device(batch, device))
+            part, n, *more = loss_fn(model, _to_device(batch, device))
             total, count = total + float(part), count + int(n)
+            for k, v in (more[0] if more else {}).items():
+                extras[k] = extras.get(k, 0.0) + float(v)
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError("evaluation data has no positions with labels")
     loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 700 else float("inf")}
+    out = {"val_loss": loss}
+    if perplexity:
+        out["val_ppl"] = math.exp(loss) if loss < 700 else float("inf")
+    return out | {f"val_{k}": v / count for k, v in extras.items()}
 
 
 def make_eval_fn(
-    data: BatchSource | Sequence[dict] | Iterable[Batch],
+    data: BatchStream | Sequence[dict] | Iterable[Batch],
     loss_fn: LossFn,
     max_batches: int | None = None,
     **kwargs: Any,
@@ -311,7 +346,7 @@ class _Loop:
     def __init__(
         self,
         model: nn.Module,
-        source: BatchSource,
+        source: BatchStream,
         loss_fn: LossFn,
         cfg: TrainConfig,
         out_dir: Path,
@@ -339,6 +374,7 @@ class _Loop:
         self.result = TrainResult(step=0, stop_reason="completed", out_dir=self.out_dir)
         self._interval = [0.0, 0, time.perf_counter()]  # loss sum, tokens, start time
         self._inputs = 0  # real input tokens since the last record
+        self._extras: dict[str, float] = {}  # loss metrics x units since the last record
         self.bar_postfix: dict[str, str] = {}
         self.logger = MetricsLogger(out_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
 
@@ -487,6 +523,8 @@ class _Loop:
         self._interval[0] += stats.loss * max(stats.tokens, 1)
         self._interval[1] += stats.tokens
         self._inputs += stats.inputs
+        for k, v in stats.extras.items():
+            self._extras[k] = self._extras.get(k, 0.0) + v * max(stats.tokens, 1)
         if self.step % self.cfg.logging.every == 0:
             self._log_train(lr, norm)
 
@@ -506,7 +544,8 @@ class _Loop:
             "epoch": round(self.source.progress, 4),
             "skipped_steps": self.skipped,
         }
-        self._interval, self._inputs = [0.0, 0, now], 0
+        record |= {k: v / max(tokens, 1) for k, v in self._extras.items()}
+        self._interval, self._inputs, self._extras = [0.0, 0, now], 0, {}
         self.log(record)
         self.bar_postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}"}
         self.bar_postfix["tok/s"] = f"{record['input_tokens_per_s']:.0f}"
@@ -550,7 +589,7 @@ class _Loop:
 def train(
     model: nn.Module,
     *,
-    source: BatchSource,
+    source: BatchStream,
     loss_fn: LossFn,
     cfg: TrainConfig,
     out_dir: str | Path,

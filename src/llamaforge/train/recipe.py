@@ -1,8 +1,9 @@
-"""Continued pretraining (`pt`) and supervised fine-tuning (`sft`): one thin recipe.
+"""One recipe for every stage: config -> model + method -> data -> the shared loop -> outputs.
 
-Both minimise next-token loss on labelled positions; they differ only in the data
-(raw text, loss everywhere, vs rendered conversations, loss on responses). The recipe
-wires config -> model + method -> data -> the shared loop -> outputs + evaluation.
+What differs between stages (pt, sft, rm, dpo) comes from the stage table (`stages.py`):
+the batch collation, the loss and its units, model additions (a reward head) and work
+before training (reference log-probs). pt and sft minimise next-token loss on labelled
+positions and differ only in the data.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from ..adapters.inject import apply_freeze, apply_lora, parameter_counts
 from ..config import RunConfig, save_resolved
 from ..data.pipeline import DatasetSplits, build_dataset
+from ..data.sources import DataError
 from ..data.tokenizer import Tokenizer, save_tokenizer
 from ..eval.generation import evaluate_generation
 from ..io.hf import save_hf
@@ -27,6 +29,7 @@ from ..io.peft import save_peft_adapter
 from ..losses import chunked_causal_lm_loss_fn
 from .batches import BatchSource
 from .loop import make_eval_fn, resolve_precision, train
+from .stages import STAGES
 
 METHOD_FILE = "llamaforge_method.json"  # beside a saved adapter: how its base was held
 
@@ -83,6 +86,14 @@ def load_data(cfg: RunConfig, tok: Tokenizer) -> DatasetSplits:
     log(splits.report.summary())
     if not splits.train:
         raise ValueError(f"data.path {cfg.data.path!r}: no training examples after loading")
+    pairs = "prompt_ids" in splits.train[0]
+    if pairs != (cfg.stage in ("rm", "dpo")):
+        what = "preference pairs" if pairs else f"{splits.report.format} rows"
+        raise DataError(
+            "data.path",
+            f"{cfg.data.path!r} holds {what}",
+            f"stage {cfg.stage} needs " + ("single sequences" if pairs else "preference pairs"),
+        )
     return splits
 
 
@@ -95,17 +106,25 @@ def eval_items(cfg: RunConfig, splits: DatasetSplits) -> list[dict]:
 def generation_scores(
     model: nn.Module, tok: Tokenizer, cfg: RunConfig, items: list[dict], desc: str
 ) -> dict[str, Any] | None:
-    """Exact match / ROUGE-L on held-out items, or None when there is nothing to score."""
-    if cfg.stage != "sft" or not items:
+    """Generation metrics (eval.generate.metrics) on held-out items, or None without any."""
+    if cfg.stage != "sft" or not items or not cfg.eval.generate.metrics:
         return None
     report = evaluate_generation(
         model, tok, items, max_new_tokens=cfg.eval.generate.max_new_tokens, desc=desc
-    )
-    return report.to_dict()
+    ).to_dict()
+    report["scores"] = {k: v for k, v in report["scores"].items() if k in cfg.eval.generate.metrics}
+    return report
 
 
 def save_outputs(model: nn.Module, tok: Tokenizer, cfg: RunConfig, out: Path) -> Path:
     """Adapters in PEFT's format (lora/qlora) or a full Hugging Face folder (full/freeze)."""
+    if cfg.stage == "rm":  # a HF LlamaForSequenceClassification folder, adapters merged
+        from ..adapters.inject import merge_lora
+
+        path = out / "model"
+        save_hf(merge_lora(model), path)
+        save_tokenizer(tok, path)
+        return path
     if cfg.method in ("lora", "qlora"):
         path = save_peft_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
         method = {"method": cfg.method, **vars(cfg.qlora)} if cfg.method == "qlora" else {}
@@ -153,24 +172,41 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         lambda: generation_scores(model, tok, cfg, items, "eval before"),
     )
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    stage = STAGES[cfg.stage]
+    if stage.prepare is not None:
+        stage.prepare(model, cfg)
     apply_method(model, cfg, compute)
+    if getattr(model, "score", None) is not None:
+        model.score.requires_grad_(True)  # a reward head always trains (PEFT: modules_to_save)
     model.set_kernels(cfg.kernels)
     trainable, total = parameter_counts(model)
     log(f"{cfg.method}: training {trainable:,} of {total:,} parameters on {device} ({precision})")
     pad = tok.pad_id if tok.pad_id is not None else 0
-    source = BatchSource(splits.train, cfg.optim.batch_size, pad_id=pad, seed=cfg.seed)
-    loss_fn = chunked_causal_lm_loss_fn
+    if stage.before_train is not None:
+        stage.before_train(model, cfg, splits, pad)
+    collate_fn = lambda exs: stage.collate(exs, pad)  # noqa: E731
+    source = BatchSource(
+        splits.train, cfg.optim.batch_size, pad_id=pad, seed=cfg.seed, collate_fn=collate_fn
+    )
+    loss_fn = stage.loss(cfg)
     eval_fn = None
     if splits.validation:
-        eval_fn = make_eval_fn(
+        held = BatchSource(
             splits.validation,
-            loss_fn,
-            cfg.eval.max_batches,
-            batch_size=cfg.optim.batch_size,
+            cfg.optim.batch_size,
             pad_id=pad,
+            shuffle=False,
+            collate_fn=collate_fn,
         )
+        eval_fn = make_eval_fn(held, loss_fn, cfg.eval.max_batches, perplexity=stage.lm)
     result = train(
-        model, source=source, loss_fn=loss_fn, cfg=cfg.train_config(), out_dir=out, eval_fn=eval_fn
+        model,
+        source=source,
+        loss_fn=loss_fn,
+        cfg=cfg.train_config(),
+        out_dir=out,
+        eval_fn=eval_fn,
+        count_fn=stage.count,
     )
     saved = save_outputs(model, tok, cfg, out)
     after = generation_scores(model, tok, cfg, items, "eval after")

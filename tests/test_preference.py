@@ -1,0 +1,256 @@
+"""Preference pairs, reward models and DPO on tiny models (CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llamaforge.cli import main
+from llamaforge.data.pipeline import build_dataset
+from llamaforge.data.preference import IDENTICAL, Preference, to_preference, tokenize_pair
+from llamaforge.data.sources import EMPTY_RESPONSE, ZERO_TRAINABLE, BadRow, DataError
+from llamaforge.data.tokenizer import load_tokenizer
+from llamaforge.io.hf import add_score_head, load_hf, save_hf
+from llamaforge.losses import dpo_loss_fn, reward_loss_fn, reward_scores, sequence_logps
+from llamaforge.train.batches import collate_pairs
+from tests.helpers import random_model, tiny_hf_folder
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+PAIRS = FIX / "preference.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(FIX / "tiny_tokenizer")
+
+
+def _pairs(tok, **kw):
+    spec = {"path": str(PAIRS), "format": "preference", "template": "chatml", "val_size": 2}
+    return build_dataset({**spec, **kw}, tok, use_cache=False)
+
+
+def test_pairs_share_prompt_ids_and_learn_only_answers(tok):
+    splits = _pairs(tok)
+    assert splits.report.examples == {"train": 10, "validation": 2, "test": 0}
+    for ex in splits.train:
+        assert all(x != -100 for x in ex["chosen_labels"][:-1])  # answer tokens carry loss
+        assert ex["chosen_ids"] != ex["rejected_ids"]
+    batch = collate_pairs(splits.train[:3], pad_id=0)
+    assert batch["input_ids"].shape[0] == 6
+    p = len(splits.train[0]["prompt_ids"])
+    assert torch.equal(batch["input_ids"][0, :p], batch["input_ids"][3, :p])  # shared prompt
+    assert (batch["labels"][0, :p] == -100).all()
+
+
+def test_conversation_shape_splits_at_the_shared_prefix():
+    row = json.loads(PAIRS.read_text().splitlines()[10])
+    pref = to_preference(row)
+    assert [m["role"] for m in pref.prompt] == ["user", "assistant", "user"]
+    assert pref.chosen[0]["content"] == "An apple." and pref.rejected[0]["content"] == "A hammer."
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"prompt": "q", "chosen": "same", "rejected": "same"}, IDENTICAL),
+        ({"prompt": "q", "chosen": "  ", "rejected": "no"}, EMPTY_RESPONSE),
+        ({"prompt": "q", "chosen": "yes"}, "missing field"),
+    ],
+)
+def test_bad_pairs_are_named(row, reason):
+    with pytest.raises(BadRow) as e:
+        to_preference(row)
+    assert e.value.reason == reason
+
+
+def test_strict_bad_row_names_file_and_line(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(PAIRS.read_text() + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}))
+    with pytest.raises(DataError, match=r"bad.jsonl:13: chosen equals rejected"):
+        _pairs(tok, path=str(bad))
+    lenient = _pairs(tok, path=str(bad), lenient=True)
+    assert lenient.report.skipped == {IDENTICAL: 1}
+
+
+def test_truncation_cuts_prompt_from_the_left_then_answers(tok):
+    pref = Preference(
+        ({"role": "user", "content": "one two three four five six seven eight nine ten"},),
+        ({"role": "assistant", "content": "alpha beta gamma delta epsilon zeta"},),
+        ({"role": "assistant", "content": "no"},),
+    )
+    full, cut = tokenize_pair(pref, tok, template="chatml", max_seq_len=4096)
+    assert not cut
+    ex, cut = tokenize_pair(pref, tok, template="chatml", max_seq_len=20, max_prompt_len=8)
+    assert cut and ex["prompt_ids"] == full["prompt_ids"][-8:]
+    assert ex["chosen_ids"] == full["chosen_ids"][:12]
+    with pytest.raises(BadRow) as e:
+        tokenize_pair(pref, tok, template="chatml", max_seq_len=8, max_prompt_len=8)
+    assert e.value.reason == ZERO_TRAINABLE
+    assert tokenize_pair(pref, tok, template="chatml", max_seq_len=20, truncation="drop") is None
+
+
+def _lora_model():
+    from llamaforge.adapters.inject import apply_lora
+
+    return apply_lora(random_model("tiny-llama3", seed=1), r=4, alpha=8, dropout=0.0)
+
+
+def test_dpo_loss_is_ln2_at_step_0_with_adapters_off_reference(tok):
+    from llamaforge.train.stages import _adapters_off_reference
+
+    model = _lora_model()
+    batch = collate_pairs(_pairs(tok).train[:4], pad_id=0)
+    for loss in ("sigmoid", "hinge", "ipo"):
+        fn = dpo_loss_fn(loss, beta=0.1, reference=_adapters_off_reference)
+        total, n, extras = fn(model, batch)
+        want = {"sigmoid": math.log(2), "hinge": 1.0, "ipo": 25.0}[loss]  # (1 / 2β)² for ipo
+        assert int(n) == 4 and abs(float(total) / 4 - want) < 1e-5, loss
+        assert float(extras["margin"]) == 0.0
+
+
+def test_reward_scores_do_not_depend_on_padding_side_or_batch_size(tok):
+    model = add_score_head(random_model("tiny-llama3", seed=2))
+    seqs = [[5, 9, 13, 2], [7, 8, 9, 10, 11, 12, 3], [4, 4]]
+    width = max(map(len, seqs))
+    right = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    left = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
+    am = (torch.arange(width)[None] >= torch.tensor([width - len(s) for s in seqs])[:, None]).long()
+    with torch.no_grad():
+        r = reward_scores(
+            model, {"input_ids": right, "seq_lens": torch.tensor(list(map(len, seqs)))}
+        )
+        lft = reward_scores(model, {"input_ids": left, "attention_mask": am})
+        solo = [
+            reward_scores(
+                model, {"input_ids": torch.tensor([s]), "seq_lens": torch.tensor([len(s)])}
+            )
+            for s in seqs
+        ]
+    assert torch.allclose(r, lft, atol=1e-5)
+    assert torch.allclose(r, torch.cat(solo), atol=1e-5)
+
+
+def test_reward_model_folder_loads_in_transformers_with_same_scores(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = add_score_head(random_model("tiny-llama3", seed=4)).eval()
+    save_hf(model, tmp_path / "rm")
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "rm", dtype=torch.float32
+    ).eval()
+    ids = torch.randint(3, 200, (3, 17))
+    with torch.no_grad():
+        ours = reward_scores(model, {"input_ids": ids, "seq_lens": torch.full((3,), 17)})
+        theirs = ref(ids).logits[:, 0]
+        back = reward_scores(
+            load_hf(tmp_path / "rm"), {"input_ids": ids, "seq_lens": torch.full((3,), 17)}
+        )
+    assert (ours - theirs).abs().max() < 1e-4
+    assert torch.equal(ours, back)
+
+
+def test_unknown_weights_are_an_error_not_dropped(tmp_path):
+    from llamaforge.io.hf import build_from_state_dict, load_hf_state_dict, read_config
+    from llamaforge.model.config import ConfigError
+
+    model = add_score_head(random_model("tiny-llama3", seed=4))
+    save_hf(model, tmp_path / "rm")
+    sd = load_hf_state_dict(tmp_path / "rm")
+    with pytest.raises(ConfigError, match="unexpected weights.*score.weight"):
+        build_from_state_dict(read_config(tmp_path / "rm"), sd)
+
+
+def test_reward_loss_counts_pairs_and_accuracy():
+    class Fixed(torch.nn.Module):  # scores = first token id, to check the loss by hand
+        pass
+
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    from llamaforge.losses import reward_pair_loss
+
+    got = reward_pair_loss(chosen, rejected, margin=0.5)
+    want = -torch.nn.functional.logsigmoid(torch.tensor([0.5, -1.5]))
+    assert torch.allclose(got, want)
+    assert callable(reward_loss_fn())
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return tiny_hf_folder(tmp_path_factory.mktemp("base"))
+
+
+def _config(tmp_path: Path, base: Path, stage: str, method: str, **extra) -> Path:
+    raw = {
+        "model": str(base),
+        "stage": stage,
+        "method": method,
+        "data": {
+            "path": str(PAIRS),
+            "format": "preference",
+            "template": "chatml",
+            "val_size": 0.17,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "output_dir": str(tmp_path / f"{stage}-{method}"),
+        "max_steps": 4,
+        "checkpoint": {"every": 2},
+        "optim": {"lr": 0.01, "batch_size": 2},
+        "logging": {"tensorboard": False, "progress": False},
+        **extra,
+    }
+    path = tmp_path / f"{stage}-{method}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("stage", "method"), [("rm", "lora"), ("rm", "full"), ("dpo", "lora"), ("dpo", "full")]
+)
+def test_train_stage_end_to_end_and_resume_exactly(tmp_path, base_dir, stage, method, capsys):
+    cfg = _config(tmp_path, base_dir, stage, method)
+    assert main(["train", str(cfg)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    out = Path(summary["output"]).parent
+    train = [m for m in _metrics(out) if m["kind"] == "train"]
+    assert len(train) == 4 and "accuracy" in train[0] and "margin" in train[0]
+    if stage == "dpo":
+        assert abs(train[0]["loss"] - math.log(2)) < 1e-4  # reference = policy at step 0
+        assert "logp_chosen" in train[0]
+    assert "val_accuracy" in summary["validation"]
+    if stage == "rm":
+        assert (out / "model" / "config.json").is_file()
+        rm = load_hf(out / "model")
+        assert rm.score.weight.shape == (1, rm.cfg.dim)
+    # resume: drop the last checkpoint; the rerun resumes at step 2 and must log the same
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["checkpoint-00000002", "checkpoint-00000004"]
+    shutil.rmtree(ckpts[-1])
+    assert main(["train", str(cfg)]) == 0
+    assert "resumed from" in capsys.readouterr().err and "checkpoint-00000002" in str(ckpts[0])
+    again = [m for m in _metrics(out) if m["kind"] == "train"]
+    assert [round(m["loss"], 6) for m in again] == [round(m["loss"], 6) for m in train]
+
+
+def test_rm_stage_needs_pairs(tmp_path, base_dir, capsys):
+    cfg = _config(tmp_path, base_dir, "rm", "lora")
+    assert main(["train", str(cfg), "data.format=alpaca"]) == 2
+    assert "stage rm trains on preference pairs" in capsys.readouterr().err
+
+
+def test_sequence_logps_matches_token_loss(tok):
+    from llamaforge.losses import causal_lm_loss_fn
+
+    model = random_model("tiny-llama3", seed=5)
+    batch = collate_pairs(_pairs(tok).train[:2], pad_id=0)
+    with torch.no_grad():
+        logps, n = sequence_logps(model, batch)
+        total, count = causal_lm_loss_fn(model, batch)
+    assert torch.allclose(-logps.sum(), total, atol=1e-4) and int(n.sum()) == int(count)
