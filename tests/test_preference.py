@@ -254,3 +254,51 @@ def test_sequence_logps_matches_token_loss(tok):
         logps, n = sequence_logps(model, batch)
         total, count = causal_lm_loss_fn(model, batch)
     assert torch.allclose(-logps.sum(), total, atol=1e-4) and int(n.sum()) == int(count)
+
+
+def test_score_cli_prints_accuracy_margin_and_length_baseline(tmp_path, base_dir, capsys):
+    cfg = _config(
+        tmp_path, base_dir, "rm", "full", max_steps=6, optim={"lr": 0.02, "batch_size": 4}
+    )
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    rm = tmp_path / "rm-full" / "model"
+    out = tmp_path / "scores.jsonl"
+    args = ["score", str(rm), "--data", str(PAIRS), "--template", "chatml", "--out", str(out)]
+    assert main(args) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["pairs"] == 12 and set(line) == {
+        "pairs",
+        "accuracy",
+        "mean_margin",
+        "length_baseline",
+    }
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 12
+    acc = sum(r["margin"] > 0 for r in rows) / 12
+    assert abs(acc - line["accuracy"]) < 1e-9
+    assert line["accuracy"] > 0.5  # trained on these pairs, it prefers more than chance
+    assert main(["score", str(base_dir), "--data", str(PAIRS)]) == 2
+    assert "not a reward model" in capsys.readouterr().err
+
+
+def test_chitchat_pair_tasks_hold_out_whole_starter_questions():
+    from llamaforge.data import chitchat
+
+    for task in chitchat.PAIR_TASKS:  # the real 7,168 conversations (~1 s each)
+        rows, filtered = chitchat.read_pairs(task)
+        assert len(rows) > 1000, (task, filtered)
+        split_of: dict[str, set[str]] = {}
+        for r in rows:
+            split_of.setdefault(_topic(r.data), set()).add(r.split)
+            pref = to_preference(r.data)
+            assert pref.chosen != pref.rejected
+        assert all(len(s) == 1 for s in split_of.values())  # a topic lives in one split
+        assert {r.split for r in rows} == {"train", "validation", "test"}
+    assert filtered["default all-5 ratings"] > 0
+
+
+def _topic(row: dict) -> str:
+    if isinstance(row["prompt"], list):
+        return row["prompt"][0]["content"].removeprefix("Conversation starter: ")
+    return row["prompt"].rsplit("starter: ", 1)[1]

@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value")
     e.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
 
+    s = sub.add_parser("score", help="score preference pairs with a reward model; one JSON line")
+    s.add_argument("rm", help="a reward-model folder written by stage rm (its model/ folder)")
+    s.add_argument("--data", required=True, help="preference file, or 'chitchat' with --format")
+    s.add_argument("--format", default="preference", help="preference, chitchat_next_turn, ...")
+    s.add_argument("--split", default="all", help="all, train, validation or test")
+    s.add_argument("--template", default="auto", help="chat format (default: the model's)")
+    s.add_argument("--max-seq-len", type=int, default=1024)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--out", default=None, help="write per-pair scores as JSONL here")
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", default=None)
+
     m = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base, save HF")
     _add_model_args(m)
     m.add_argument("adapter_dir")
@@ -389,6 +401,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Print {"pairs", "accuracy", "mean_margin", "length_baseline"} for a pair file."""
+    from .data.pipeline import build_dataset
+    from .eval.reward import score_pairs
+    from .io.atomic import write_text_atomic
+    from .io.load import load_model
+
+    if not Path(args.rm).is_dir():
+        raise UserError(f"{args.rm}: no such reward-model folder")
+    model, tok = load_model(args.rm, device=args.device, dtype=args.dtype)
+    if getattr(model, "score", None) is None:
+        raise UserError(f"{args.rm}: not a reward model (no score head; train one with stage rm)")
+    spec = {
+        "path": args.data,
+        "format": args.format,
+        "template": args.template,
+        "max_seq_len": args.max_seq_len,
+        "val_size": 0.0,
+    }
+    splits = build_dataset(spec, tok, use_cache=False)
+    names = ("train", "validation", "test") if args.split == "all" else (args.split,)
+    if any(n not in ("train", "validation", "test") for n in names):
+        raise UserError(f"--split {args.split}: use all, train, validation or test")
+    pairs = [ex for n in names for ex in getattr(splits, n)]
+    if not pairs or "prompt_ids" not in pairs[0]:
+        raise UserError(f"{args.data}: no preference pairs in split {args.split}")
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    scores = score_pairs(model, pairs, pad_id=pad, batch_size=args.batch_size)
+    if args.out:
+        lines = [
+            json.dumps({"chosen": c, "rejected": r, "margin": c - r})
+            for c, r in zip(scores.chosen, scores.rejected, strict=True)
+        ]
+        write_text_atomic(Path(args.out), "".join(line + "\n" for line in lines))
+    print(json.dumps(scores.summary()))
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
@@ -398,6 +448,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "merge": cmd_merge,
+    "score": cmd_score,
     "export": cmd_export,
     "quantize": cmd_quantize,
 }

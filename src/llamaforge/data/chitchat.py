@@ -126,3 +126,111 @@ def chat_messages(conversation: dict[str, Any]) -> list[dict[str, str]] | str:
     if not turns:
         return "fewer than two speakers"
     return [{"role": ("user", "assistant")[who], "content": text} for who, text in turns]
+
+
+# ---------------------------------------------------------------- preference pairs
+
+PAIR_TASKS = ("chitchat_next_turn", "chitchat_ratings")
+RATING_MARGIN = 6  # summed witty + upbeat + interesting (3..30) must differ by at least this
+MAX_CONTEXT_TURNS = 7
+MAX_PAIR_TURNS = 8
+RATINGS_REQUEST = (
+    "Write a conversation between two people, A and B, who were given this "
+    "conversation starter: {topic}"
+)
+
+
+def topic_split(topic: str) -> str:
+    """Whole starter questions are held out: ~10% test, ~10% validation, by sha256 of it."""
+    bucket = int(hashlib.sha256(topic.encode()).hexdigest(), 16) % 10
+    return {0: "test", 1: "validation"}.get(bucket, "train")
+
+
+def read_pairs(
+    task: str, path: str | os.PathLike | None = None, *, seed: int = 0
+) -> tuple[list[Row], Counter]:
+    """Preference rows ({prompt, chosen, rejected}) of a pair task, and filtered counts.
+
+    chitchat_next_turn is response selection from real text, not human preference: the
+    context is the starter question plus the first k turns of a conversation; chosen is its
+    real next turn, rejected the turn at the same position of another conversation with
+    the same starter question. chitchat_ratings pairs two conversations with the same
+    starter question whose human ratings (witty + upbeat + interesting) differ by at least
+    RATING_MARGIN, both cut to the same number of turns (longer conversations would
+    otherwise win by length); default all-5 ratings are dropped. Splits hold out whole
+    starter questions, so no conversation is in two splits.
+    """
+    import random
+
+    if task not in PAIR_TASKS:
+        raise DataError("data.format", "unknown chitchat task", f"{task!r}; use {PAIR_TASKS}")
+    path = Path(path) if path is not None else chitchat_path()
+    raw = json.loads(path.read_bytes())
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    filtered: Counter = Counter()
+    for key in sorted(raw):
+        topic = (raw[key].get("prompt") or "").strip()
+        if not topic:
+            filtered["no prompt (topic)"] += 1
+            continue
+        groups.setdefault(topic, []).append((key, raw[key]))
+    make = _next_turn_pairs if task == "chitchat_next_turn" else _rating_pairs
+    rows: list[Row] = []
+    for topic in sorted(groups):
+        rng = random.Random(f"{seed}:{task}:{topic}")
+        for key, row in make(topic, groups[topic], rng, filtered):
+            rows.append(Row(row, f"{path}[{key}]", split=topic_split(topic)))
+    return rows, filtered
+
+
+def _next_turn_pairs(topic, convs, rng, filtered):
+    turns = {k: merged_turns(c, drop_empty=True) for k, c in convs}
+    for key, _ in convs:
+        mine = turns[key]
+        ks = [k for k in range(1, min(len(mine), MAX_CONTEXT_TURNS + 1), 2)]
+        if not ks:
+            filtered["fewer than two turns"] += 1
+            continue
+        k = rng.choice(ks)
+        others = [o for o, t in turns.items() if o != key and len(t) > k and t[k][1] != mine[k][1]]
+        if not others:
+            filtered["no other conversation that long"] += 1
+            continue
+        other = turns[rng.choice(others)]
+        prompt = [{"role": "system", "content": f"Conversation starter: {topic}"}]
+        prompt += [
+            {"role": ("user", "assistant")[i % 2], "content": text}
+            for i, (_, text) in enumerate(mine[:k])
+        ]
+        yield key, {"prompt": prompt, "chosen": mine[k][1], "rejected": other[k][1]}
+
+
+def _rating_pairs(topic, convs, rng, filtered):
+    rated = []
+    for key, c in convs:
+        r = c.get("ratings") or {}
+        values = [r.get(n) for n in ("witty", "upbeat", "interesting")]
+        if not all(isinstance(v, int | float) for v in values):
+            filtered["no ratings"] += 1
+        elif all(v == 5 for v in values):
+            filtered["default all-5 ratings"] += 1
+        else:
+            turns = merged_turns(c, drop_empty=True)
+            if len(turns) < 2:
+                filtered["fewer than two turns"] += 1
+            else:
+                rated.append((key, sum(values), turns))
+    for key, score, turns in rated:
+        rivals = [x for x in rated if abs(x[1] - score) >= RATING_MARGIN and x[1] < score]
+        if not rivals:
+            continue
+        _, _, other = rng.choice(rivals)
+        n = min(len(turns), len(other), MAX_PAIR_TURNS)
+        yield (
+            key,
+            {
+                "prompt": RATINGS_REQUEST.format(topic=topic),
+                "chosen": dialogue_text(turns[:n]),
+                "rejected": dialogue_text(other[:n]),
+            },
+        )

@@ -183,15 +183,16 @@ def check_spec(s: DataSpec, tok: Tokenizer) -> None:
         raise DataError("data.max_seq_len", "invalid", f"{s.max_seq_len}; must be at least 2")
     if s.packing and s.format == "preference":
         raise DataError("data.packing", "invalid", "preference pairs are not packed")
-    known = (*formats.FORMATS, *chitchat.TASKS)
+    known = (*formats.FORMATS, *chitchat.TASKS, *chitchat.PAIR_TASKS)
     if s.format not in known:
         raise DataError("data.format", "unknown format", f"{s.format!r}; use one of {known}")
-    if (s.path == chitchat.NAME) != (s.format in chitchat.TASKS):
+    if (s.path == chitchat.NAME) != (s.format in (*chitchat.TASKS, *chitchat.PAIR_TASKS)):
         raise DataError(
             "data.format",
             "mismatch",
-            "data.path: chitchat goes with data.format: chitchat_topic "
-            "or chitchat_chat (and those formats only with the built-in chitchat data)",
+            "data.path: chitchat goes with data.format: chitchat_topic, chitchat_chat, "
+            "chitchat_next_turn or chitchat_ratings (and those formats only with the "
+            "built-in chitchat data)",
         )
     if s.template not in _NATIVE_TEMPLATES:
         try:
@@ -230,7 +231,7 @@ def _code_files() -> list[Path]:
 def _build(s: DataSpec, tok: Tokenizer) -> DatasetSplits:
     """Build every split from the source (no cache)."""
     rows, fmt, filtered = load_rows(s)
-    shown = s.format if s.format in chitchat.TASKS else fmt
+    shown = s.format if s.format in (*chitchat.TASKS, *chitchat.PAIR_TASKS) else fmt
     report = DataReport(source=s.path, format=shown, rows=len(rows), filtered=dict(filtered))
     report.splits_from_source = sorted({r.split for r in rows if r.split})
     assignment = assign_splits(rows, s.val_size, s.test_size, s.split_seed)
@@ -247,7 +248,10 @@ def _build(s: DataSpec, tok: Tokenizer) -> DatasetSplits:
 def load_rows(s: DataSpec) -> tuple[list[Row], str, Counter]:
     """Rows of the source (and val_path), the resolved format, and filtered-row counts."""
     filtered: Counter = Counter()
-    if s.path == chitchat.NAME:
+    if s.path == chitchat.NAME and s.format in chitchat.PAIR_TASKS:
+        rows, filtered = chitchat.read_pairs(s.format, seed=s.split_seed)
+        fmt = "preference"
+    elif s.path == chitchat.NAME:
         rows, filtered = chitchat.read_chitchat(s.format, max_words=s.max_words)
         fmt = "messages"
     else:
