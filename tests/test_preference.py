@@ -302,3 +302,31 @@ def _topic(row: dict) -> str:
     if isinstance(row["prompt"], list):
         return row["prompt"][0]["content"].removeprefix("Conversation starter: ")
     return row["prompt"].rsplit("starter: ", 1)[1]
+
+
+def test_lora_reward_adapter_loads_in_peft_and_back_with_same_scores(tmp_path, base_dir):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from llamaforge.adapters.inject import apply_lora
+    from llamaforge.io.peft import load_peft_adapter, save_peft_adapter
+
+    model = add_score_head(load_hf(base_dir))
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_peft_adapter(model, tmp_path / "adapter", heads=("score",))
+    ids = torch.randint(3, 200, (2, 15))
+    batch = {"input_ids": ids, "seq_lens": torch.full((2,), 15)}
+    with torch.no_grad():
+        ours = reward_scores(model.eval(), batch)
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            base_dir, num_labels=1, pad_token_id=0, dtype=torch.float32
+        )
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(ids).logits[:, 0]
+        back = load_hf(base_dir)
+        load_peft_adapter(back, tmp_path / "adapter")
+        again = reward_scores(back.eval(), batch)
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (ours - again).abs().max() < 1e-6

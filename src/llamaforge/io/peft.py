@@ -114,8 +114,14 @@ def save_peft_adapter(
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
     dtype: torch.dtype | None = None,
+    heads: tuple[str, ...] = (),
 ) -> Path:
-    """Write one adapter as a PEFT LoRA folder, atomically; return the folder."""
+    """Write one adapter as a PEFT LoRA folder, atomically; return the folder.
+
+    `heads` names fully trained head modules saved beside it (PEFT's `modules_to_save`):
+    a reward model's `score` makes it a SEQ_CLS adapter that peft loads on
+    transformers' LlamaForSequenceClassification.
+    """
     check_adapters(model, [adapter_name])
     mods = [(n, m) for n, m in lora_modules(model) if adapter_name in m.lora_A]
     config = _adapter_config(model, mods, adapter_name)
@@ -126,6 +132,12 @@ def save_peft_adapter(
         for part in ("lora_A", "lora_B"):
             t = getattr(m, part)[adapter_name].detach()
             tensors[f"{prefix}.{part}.weight"] = t.to("cpu", dtype or t.dtype).contiguous()
+    for head in heads:
+        w = model.get_submodule(head).weight.detach()
+        tensors[f"base_model.model.{head}.weight"] = w.to("cpu", dtype or w.dtype).contiguous()
+    if heads:
+        config["modules_to_save"] = list(heads)
+        config["task_type"] = "SEQ_CLS" if "score" in heads else config.get("task_type")
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -221,8 +233,11 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
     for key in _UNSUPPORTED:
-        if config.get(key):
-            raise AdapterError(f"{path}: {key}={config[key]!r} is not supported by llamaforge")
+        value = config.get(key)
+        if key == "modules_to_save" and value and set(value) <= {"score", "classifier"}:
+            continue  # a reward model's head (peft adds 'classifier' for SEQ_CLS itself)
+        if value:
+            raise AdapterError(f"{path}: {key}={value!r} is not supported by llamaforge")
     if config.get("layers_pattern") not in (None, "", "layers", ["layers"]):
         raise AdapterError(f"{path}: layers_pattern={config['layers_pattern']!r} is not 'layers'")
     return config
@@ -352,6 +367,7 @@ def load_peft_adapter(
     if adapter_name in adapter_names(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; load under another name")
     tensors, wpath = _read_weights(d)
+    score = tensors.pop(SCORE_KEY, None)  # a reward model's head (modules_to_save)
     plan = _plan(model, config, d / CONFIG_NAME, tensors, wpath)
     if not plan:
         raise AdapterError(f"{wpath}: holds no LoRA weights")
@@ -368,6 +384,23 @@ def load_peft_adapter(
             layer.lora_B[adapter_name].copy_(p.b)
         layer.lora_A[adapter_name].requires_grad_(trainable)
         layer.lora_B[adapter_name].requires_grad_(trainable)
+    if score is not None:
+        _load_score_head(model, score.float(), wpath)
     if activate:
         set_adapter(model, adapter_name)
     return [p.module for p in plan]
+
+
+SCORE_KEY = "base_model.model.score.weight"
+
+
+def _load_score_head(model: nn.Module, weight: torch.Tensor, wpath: Path) -> None:
+    """Give the model the adapter's reward head (or overwrite the one it has)."""
+    from .hf import add_score_head
+
+    if weight.ndim != 2 or weight.shape[1] != model.cfg.dim:
+        raise AdapterError(
+            f"{wpath}:{SCORE_KEY}: shape {tuple(weight.shape)}, expected (labels, {model.cfg.dim})"
+        )
+    add_score_head(model, weight.shape[0], weight)
+    model.score.float()

@@ -121,6 +121,10 @@ def save_outputs(model: nn.Module, tok: Tokenizer, cfg: RunConfig, out: Path) ->
     if cfg.stage == "rm":  # a HF LlamaForSequenceClassification folder, adapters merged
         from ..adapters.inject import merge_lora
 
+        if cfg.method in ("lora", "qlora"):  # and the adapter + head, as peft saves them
+            save_peft_adapter(
+                model, out / "adapter", base_model_name_or_path=cfg.model, heads=("score",)
+            )
         path = out / "model"
         save_hf(merge_lora(model), path)
         save_tokenizer(tok, path)
