@@ -166,9 +166,6 @@ def test_unknown_weights_are_an_error_not_dropped(tmp_path):
 
 
 def test_reward_loss_counts_pairs_and_accuracy():
-    class Fixed(torch.nn.Module):  # scores = first token id, to check the loss by hand
-        pass
-
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     from llamaforge.losses import reward_pair_loss
 

@@ -43,7 +43,6 @@ PAIR_SETTINGS = (
     "truncation",
     "prompt_truncation",
 )
-PAIR_FIELDS = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
 
 
 @dataclass(frozen=True)
@@ -193,15 +192,3 @@ def pair_sequences(example: dict[str, list[int]]) -> list[dict[str, list[int]]]:
         }
         for side in ("chosen", "rejected")
     ]
-
-
-def pair_length(example: dict[str, list[int]]) -> int:
-    """Tokens of the longer sequence of a pair."""
-    return len(example["prompt_ids"]) + max(
-        len(example["chosen_ids"]), len(example["rejected_ids"])
-    )
-
-
-def trainable_count(example: dict[str, list[int]]) -> int:
-    """Trainable tokens of both answers."""
-    return sum(x != IGNORE for side in ("chosen", "rejected") for x in example[f"{side}_labels"])

@@ -135,6 +135,12 @@ class WindowStats:
     extras: dict[str, float] = field(default_factory=dict)  # metric means per unit
 
 
+def _add_metrics(sums: dict[str, Any], more: list, convert: Callable[[Tensor], Any]) -> None:
+    """Add the metric sums a loss returned (its optional third value) into `sums`."""
+    for k, v in (more[0] if more else {}).items():
+        sums[k] = sums.get(k, 0.0) + convert(v)
+
+
 def accumulate_gradients(
     model: nn.Module,
     window: Sequence[Batch],
@@ -162,8 +168,7 @@ def accumulate_gradients(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += part.detach().float()
         counted += n
-        for k, v in (more[0] if more else {}).items():
-            extras[k] = extras.get(k, 0.0) + v.detach().float()
+        _add_metrics(extras, more, lambda v: v.detach().float())
     if int(counted) != total:  # one host sync per window
         raise ValueError(
             f"the loss function counted {int(counted)} trainable units but count_fn {total}; "
@@ -252,8 +257,7 @@ def evaluate_loss(
                 break
             part, n, *more = loss_fn(model, _to_device(batch, device))
             total, count = total + float(part), count + int(n)
-            for k, v in (more[0] if more else {}).items():
-                extras[k] = extras.get(k, 0.0) + float(v)
+            _add_metrics(extras, more, float)
     finally:
         model.train(was_training)
     if count == 0:

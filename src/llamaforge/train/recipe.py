@@ -87,7 +87,7 @@ def load_data(cfg: RunConfig, tok: Tokenizer) -> DatasetSplits:
     if not splits.train:
         raise ValueError(f"data.path {cfg.data.path!r}: no training examples after loading")
     pairs = "prompt_ids" in splits.train[0]
-    if pairs != (cfg.stage in ("rm", "dpo")):
+    if pairs == STAGES[cfg.stage].lm:  # LM stages read single sequences, the others pairs
         what = "preference pairs" if pairs else f"{splits.report.format} rows"
         raise DataError(
             "data.path",

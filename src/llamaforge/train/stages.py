@@ -19,6 +19,7 @@ from ..adapters.lora import disable_adapters
 from ..config import RunConfig
 from ..io.hf import add_score_head
 from ..losses import (
+    REFERENCE_FREE,
     chunked_causal_lm_loss_fn,
     count_label_tokens,
     count_pairs,
@@ -60,7 +61,7 @@ def _rm_loss(cfg: RunConfig) -> LossFn:
 
 def uses_precomputed_reference(cfg: RunConfig) -> bool:
     """Whether DPO reads reference log-probs computed once before training."""
-    if cfg.dpo.loss in ("simpo", "orpo"):
+    if cfg.dpo.loss in REFERENCE_FREE:
         return False
     return cfg.dpo.reference == "precompute" or (
         cfg.dpo.reference == "auto" and cfg.method not in ("lora", "qlora")
