@@ -131,6 +131,7 @@ def chat_messages(conversation: dict[str, Any]) -> list[dict[str, str]] | str:
 # ---------------------------------------------------------------- preference pairs
 
 PAIR_TASKS = ("chitchat_next_turn", "chitchat_ratings")
+ALL_TASKS = (*TASKS, *PAIR_TASKS)  # every data.format the built-in data has
 RATING_MARGIN = 6  # summed witty + upbeat + interesting (3..30) must differ by at least this
 MAX_CONTEXT_TURNS = 7
 MAX_PAIR_TURNS = 8

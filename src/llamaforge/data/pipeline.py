@@ -183,10 +183,10 @@ def check_spec(s: DataSpec, tok: Tokenizer) -> None:
         raise DataError("data.max_seq_len", "invalid", f"{s.max_seq_len}; must be at least 2")
     if s.packing and s.format == "preference":
         raise DataError("data.packing", "invalid", "preference pairs are not packed")
-    known = (*formats.FORMATS, *chitchat.TASKS, *chitchat.PAIR_TASKS)
+    known = (*formats.FORMATS, *chitchat.ALL_TASKS)
     if s.format not in known:
         raise DataError("data.format", "unknown format", f"{s.format!r}; use one of {known}")
-    if (s.path == chitchat.NAME) != (s.format in (*chitchat.TASKS, *chitchat.PAIR_TASKS)):
+    if (s.path == chitchat.NAME) != (s.format in chitchat.ALL_TASKS):
         raise DataError(
             "data.format",
             "mismatch",
@@ -231,7 +231,7 @@ def _code_files() -> list[Path]:
 def _build(s: DataSpec, tok: Tokenizer) -> DatasetSplits:
     """Build every split from the source (no cache)."""
     rows, fmt, filtered = load_rows(s)
-    shown = s.format if s.format in (*chitchat.TASKS, *chitchat.PAIR_TASKS) else fmt
+    shown = s.format if s.format in chitchat.ALL_TASKS else fmt
     report = DataReport(source=s.path, format=shown, rows=len(rows), filtered=dict(filtered))
     report.splits_from_source = sorted({r.split for r in rows if r.split})
     assignment = assign_splits(rows, s.val_size, s.test_size, s.split_seed)
