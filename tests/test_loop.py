@@ -283,6 +283,8 @@ def test_nonfinite_loss_stops_after_k_in_a_row(tmp_path):
         )
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert sum(r.get("event") == "skip" for r in metrics(tmp_path)) == 3
+    last = metrics(tmp_path)[-1]  # the run's own record of how it ended
+    assert last["event"] == "failed" and last["error"].startswith("NonFiniteLossError: ")
 
 
 # ---------------------------------------------------------------- optimizer and schedule

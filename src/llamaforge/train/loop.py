@@ -633,6 +633,10 @@ def train(
     try:
         loop.resume()
         _run(loop)
+    except BaseException as e:  # the run says how it ended (the dashboard reads this)
+        event = "failed" if isinstance(e, Exception) else "aborted"
+        loop.log({"kind": "event", "event": event, "error": f"{type(e).__name__}: {e}"[:2000]})
+        raise
     finally:
         loop.logger.close()
         loop.result.step, loop.result.skipped_steps = loop.step, loop.skipped
