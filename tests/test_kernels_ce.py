@@ -168,3 +168,47 @@ def test_cuda_triton_path_matches_token_ce_sum(train_weight, dtype):
     if train_weight:
         assert head.weight.grad.dtype == dtype
         _close(head.weight.grad.float(), want_gw, rtol=tol)
+
+
+def _per_token_case(device: str, dtype: torch.dtype = torch.float32):
+    """Labelled positions of `_inputs`, the per-token NLL reference and its input gradient."""
+    hidden, head, labels = _inputs(8, device=device)
+    target = labels[:, 1:].flatten()
+    keep = target != -100
+    h = hidden[:, :-1].flatten(0, 1)[keep].detach()  # (N, C)
+    t = target[keep]
+    upstream = torch.randn(t.numel(), generator=torch.Generator().manual_seed(9)).to(device)
+    ref_h = h.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(ref_h @ head.weight.T, t, reduction="none")
+    (want * upstream).sum().backward()
+    head.weight.requires_grad_(False)
+    got_h = h.to(dtype).requires_grad_()
+    return got_h, head.to(dtype), t, upstream, want.detach(), ref_h.grad
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_per_token_nll_and_its_gradient(chunk_size):
+    h, head, t, upstream, want, want_gh = _per_token_case("cpu")
+    got = linear_cross_entropy(h, head.weight, t, chunk_size, per_token=True)
+    assert got.shape == t.shape and got.dtype == torch.float32
+    _close(got.detach(), want)
+    (got * upstream).sum().backward()  # each token's own upstream gradient scales its row
+    _close(h.grad, want_gh)
+
+
+def test_per_token_nll_refuses_a_trained_head():
+    h, head, t, *_ = _per_token_case("cpu")
+    head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen weight"):
+        linear_cross_entropy(h, head.weight, t, per_token=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_per_token_nll_and_its_gradient(dtype):
+    h, head, t, upstream, want, want_gh = _per_token_case("cuda", dtype)
+    got = linear_cross_entropy(h, head.weight, t, chunk_size=7, per_token=True)
+    (got * upstream).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    _close(got.detach(), want, rtol=tol)
+    _close(h.grad.float(), want_gh, rtol=tol)

@@ -242,15 +242,25 @@ def test_rm_stage_needs_pairs(tmp_path, base_dir, capsys):
     assert "stage rm trains on preference pairs" in capsys.readouterr().err
 
 
-def test_sequence_logps_matches_token_loss(tok):
-    from llamaforge.losses import causal_lm_loss_fn
+@pytest.mark.parametrize("lora", [True, False])  # frozen head: fused per token; trained: chunked
+def test_sequence_logps_matches_full_logits_with_gradients(tok, lora):
+    import torch.nn.functional as F
 
-    model = random_model("tiny-llama3", seed=5)
+    model = _lora_model() if lora else random_model("tiny-llama3", seed=5)
     batch = collate_pairs(_pairs(tok).train[:2], pad_id=0)
-    with torch.no_grad():
-        logps, n = sequence_logps(model, batch)
-        total, count = causal_lm_loss_fn(model, batch)
-    assert torch.allclose(-logps.sum(), total, atol=1e-4) and int(n.sum()) == int(count)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.tensor([0.3, -1.2, 0.7, 2.0])  # a different upstream gradient per row
+    logps, n = sequence_logps(model, batch)
+    got = torch.autograd.grad((logps * weights).sum(), params)
+    logits = model(batch["input_ids"])[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    want_logps = -(nll * (labels != -100)).sum(1)
+    want = torch.autograd.grad((want_logps * weights).sum(), params)
+    assert torch.allclose(logps, want_logps, atol=1e-4)
+    assert n.tolist() == (labels != -100).sum(1).tolist()
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
 
 
 def test_score_cli_prints_accuracy_margin_and_length_baseline(tmp_path, base_dir, capsys):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .kernels.fused_ce import fused_ce_sum
+from .kernels.fused_ce import auto_chunk_size, fused_ce_sum, linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -40,6 +40,11 @@ def token_ce_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Any]:
     """Keyword arguments for `Llama.forward`/`hidden_states`: positions and packed-row ids."""
     return {k: batch[k] for k in ("positions", "doc_ids") if k in batch}
+
+
+def model_kernels(model: nn.Module) -> Any:
+    """The model's kernel switches (`llamaforge.kernels.Kernels`), or None if it has none."""
+    return getattr(model, "kernels", None)
 
 
 def causal_lm_loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -85,7 +90,7 @@ def chunked_causal_lm_loss_fn(
     pass (no recomputation of the head); otherwise chunks are checkpointed and recomputed.
     """
     hidden = model.hidden_states(batch["input_ids"], **model_inputs(batch))  # (B, T, C)
-    kernels = getattr(model, "kernels", None)
+    kernels = model_kernels(model)
     if kernels is not None and kernels.fused_ce and type(model.lm_head) is nn.Linear:
         return fused_ce_sum(hidden, model.lm_head, batch["labels"])
     return chunked_ce_sum(hidden, model.lm_head, batch["labels"], chunk_size)
@@ -105,15 +110,48 @@ def count_pairs(batch: dict[str, Tensor]) -> int:
     return batch["input_ids"].shape[0] // 2
 
 
+def _chunk_token_nll(hidden: Tensor, target: Tensor, head: nn.Module) -> Tensor:
+    """NLL of each token of one chunk: hidden (N, C), target (N,) -> (N,) float32."""
+    return F.cross_entropy(head(hidden).float(), target, reduction="none")
+
+
+def token_nll(hidden: Tensor, head: nn.Module, target: Tensor, kernels: Any = None) -> Tensor:
+    """Next-token NLL of each labelled position, never holding all logits: (N,) float32.
+
+    hidden (N, C) and target (N,) hold only labelled positions. A frozen bias-free head with
+    the fused kernel on goes through `linear_cross_entropy(per_token=True)` (gradients in
+    the forward pass, no head recompute); otherwise chunks are checkpointed.
+    """
+    fused = kernels is not None and kernels.fused_ce and type(head) is nn.Linear
+    if fused and not head.weight.requires_grad:
+        return linear_cross_entropy(hidden, head.weight, target, per_token=True)
+    chunk = auto_chunk_size(head.weight.shape[0])
+    parts = [
+        torch.utils.checkpoint.checkpoint(
+            _chunk_token_nll,
+            hidden[s : s + chunk],
+            target[s : s + chunk],
+            head,
+            use_reentrant=False,
+        )
+        for s in range(0, target.numel(), chunk)
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Summed log-probability of each row's labelled tokens, and their count: (N,), (N,)."""
-    logits = model(batch["input_ids"], **model_inputs(batch))  # (N, T, V)
+    """Summed log-probability of each row's labelled tokens, and their count: (N,), (N,).
+
+    From hidden states and the head chunk by chunk (`token_nll`), so a 128k vocabulary
+    never materialises (rows, T, V) logits.
+    """
+    hidden = model.hidden_states(batch["input_ids"], **model_inputs(batch))  # (N, T, C)
     labels = batch["labels"][:, 1:]  # (N, T-1)
     mask = labels != IGNORE_INDEX
-    nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none"
-    )  # (N, T-1)
-    return -(nll * mask).sum(1), mask.sum(1)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+    nll = token_nll(hidden[:, :-1][mask], model.lm_head, labels[mask], model_kernels(model))
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=nll.device)
+    return -sums.index_add(0, rows[mask], nll), mask.sum(1)
 
 
 def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

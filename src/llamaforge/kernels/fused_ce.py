@@ -152,7 +152,13 @@ def _scale(x: Tensor, grad: Tensor) -> Tensor:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed NLL of hidden @ weight^T; gradients computed in forward, scaled in backward."""
+    """NLL of hidden @ weight^T, summed or per token; gradients computed in forward.
+
+    Summed, backward scales the saved gradients by the incoming scalar. Per token (N,),
+    it scales each token's hidden gradient by that token's incoming gradient; the head's
+    weight gradient would need those before they exist, so per-token NLL requires a
+    frozen head.
+    """
 
     @staticmethod
     def forward(
@@ -165,6 +171,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h: bool,
         need_w: bool,
         triton_softmax: bool,
+        per_token: bool,
     ) -> Tensor:
         n, c = hidden.shape
         dev = hidden.device
@@ -173,11 +180,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(dtype)  # (V, C), no copy when already in the compute dtype
             grad_h = torch.empty_like(hidden) if need_h else None  # (N, C)
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_w else None
+            nll = torch.empty(n if per_token else 0, dtype=torch.float32, device=dev)
             total = torch.zeros((), dtype=torch.float32, device=dev)
             for start in range(0, n, chunk):
                 h = hidden[start : start + chunk].to(dtype)  # (n, C)
                 logits = (h @ w.T).float()  # (n, V) float32
-                total += step(logits, target[start : start + chunk]).sum()  # logits := dL/dz
+                part = step(logits, target[start : start + chunk])  # logits := dL/dz
+                if per_token:
+                    nll[start : start + chunk] = part
+                else:
+                    total += part.sum()
                 if not (need_h or need_w):
                     continue
                 d = logits.to(dtype)  # (n, V); no copy in float32
@@ -187,7 +199,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     _add_outer(grad_w, d, h)
         ctx.grads = (grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total
+        return nll if per_token else total
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -195,11 +207,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: backward can only run once per forward")
         grad_h, grad_w = ctx.grads
         ctx.grads = None  # free them as soon as they are handed over
+        if grad.ndim == 1:
+            grad = grad.unsqueeze(1)  # per token: (N, 1) scales each row of grad_h
         if grad_h is not None:  # scaled in float32: a bf16 copy of `grad` would bias it
             grad_h = grad_h.mul_(grad) if grad_h.dtype == grad.dtype else _scale(grad_h, grad)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -208,22 +222,26 @@ def linear_cross_entropy(
     target: Tensor,
     chunk_size: int | None = None,
     enabled: bool = True,
+    per_token: bool = False,
 ) -> Tensor:
     """Summed NLL (float32 scalar) of `hidden @ weight^T` vs target, chunk by chunk.
 
     hidden (N, C), weight (V, C), target (N,) in [0, V): no ignore index, pass only the
     labelled positions. Matmuls run in hidden's dtype, or in autocast's when it is on;
-    `enabled` lets CUDA tensors use the Triton softmax step.
+    `enabled` lets CUDA tensors use the Triton softmax step. `per_token=True` returns the
+    (N,) NLLs instead (a frozen weight only: see `_LinearCrossEntropy`).
     """
     dev = hidden.device.type
     autocast = torch.is_autocast_enabled(dev)
     dtype = torch.get_autocast_dtype(dev) if autocast else hidden.dtype
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    if per_token and need_w:
+        raise ValueError("linear_cross_entropy(per_token=True) needs a frozen weight")
     budget = TRAINED_HEAD_BUDGET_BYTES if need_w else LOGITS_BUDGET_BYTES
     chunk = chunk_size or auto_chunk_size(weight.shape[0], budget)
     fast = triton is not None and use_kernel(enabled, hidden)
-    args = (hidden, weight, target, chunk, dtype, need_h, need_w, fast)
+    args = (hidden, weight, target, chunk, dtype, need_h, need_w, fast, per_token)
     return _LinearCrossEntropy.apply(*args)
 
 
