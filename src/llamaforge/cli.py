@@ -1,6 +1,6 @@
 """The `llamaforge` command line.
 
-Verbs: train, eval, score, generate, chat, serve, perplexity, convert, merge, export,
+Verbs: train, eval, score, generate, chat, serve, ui, perplexity, convert, merge, export,
 quantize (`llamaforge VERB -h`).
 """
 
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
     _add_model_args(s)
     add_serve_args(s)
+    from .ui.launch import add_ui_args
+
+    add_ui_args(sub.add_parser("ui", help="web page: runs dashboard and chat"), MODEL_HELP)
     return parser
 
 
@@ -287,6 +290,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(args)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The runs dashboard and (with --model) the chat, on one local server."""
+    from .ui.launch import ui_command
+
+    return ui_command(args)
+
+
 def cmd_perplexity(args: argparse.Namespace) -> int:
     """Print {"tokens", "nll", "perplexity"} for a text file as one JSON line."""
     from .eval.perplexity import perplexity
@@ -443,6 +453,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "serve": cmd_serve,
+    "ui": cmd_ui,
     "perplexity": cmd_perplexity,
     "convert": cmd_convert,
     "train": cmd_train,

@@ -130,16 +130,21 @@ def build(args: argparse.Namespace):
     return create_app(engine, tok, settings), engine, model_id
 
 
+def warn_if_open(verb: str, args: argparse.Namespace) -> None:
+    """A warning on stderr when the server listens beyond loopback without an API key."""
+    if args.host not in LOOPBACK and args.api_key is None:
+        print(
+            f"llamaforge {verb}: warning: listening on {args.host} without --api-key",
+            file=sys.stderr,
+        )
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Run the server in the foreground (Ctrl-C stops it)."""
     from .api import run_server
 
     app, engine, model_id = build(args)
-    if args.host not in LOOPBACK and args.api_key is None:
-        print(
-            f"llamaforge serve: warning: listening on {args.host} without --api-key",
-            file=sys.stderr,
-        )
+    warn_if_open("serve", args)
     names = ", ".join(engine.adapters) or "none"
     print(
         f"llamaforge serve: http://{args.host}:{args.port}/v1  model {model_id!r}, adapters: "

@@ -1,0 +1,1 @@
+"""The web page: runs dashboard and chat (`llamaforge ui`), every asset served locally."""
