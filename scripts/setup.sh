@@ -25,6 +25,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --no-deps -e .
   echo "$want" >"$stamp"
 fi
+# The web page's browser tests (tests/test_ui_browser.py) drive Debian's chromium through
+# Playwright's executable_path: no browser download. Without chromium they skip (CI: fail).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo_=$([ "$(id -u)" = 0 ] || echo sudo)
+  { $sudo_ apt-get update -qq &&
+    $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null ||
+    echo "setup: could not install chromium; the browser tests will be skipped" >&2
+fi
 # llama.cpp checks GGUF exports (tests/test_gguf_export.py): Node.js from Debian where missing,
 # then node-llama-cpp and its prebuilt CPU binary, pinned by tools/llamacpp/package-lock.json.
 if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then

@@ -29,6 +29,7 @@ def train_run(root: Path, base: Path, name: str, stage: str, **extra) -> Path:
         "logging": {"tensorboard": False, "progress": False, "plot": False},
         **extra,
     }
+    root.mkdir(parents=True, exist_ok=True)
     cfg = root / f".{name}.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     assert main(["train", str(cfg)]) == 0
