@@ -190,6 +190,22 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Several processes under torchrun (`auto`: fsdp2 when launched by torchrun, else none).
+
+    fsdp2 shards every block and the root with `fully_shard`; ddp replicates the model and
+    all-reduces gradients. timeout_s bounds every collective, so a rank that died or hangs
+    ends the job instead of stalling it. reshard_after_forward: FSDP2 frees each block's
+    gathered weights after its forward and gathers them again for backward (false keeps
+    them: less communication, more memory).
+    """
+
+    strategy: Literal["auto", "none", "fsdp2", "ddp"] = "auto"
+    timeout_s: int = _f(1800, AT_LEAST_1)
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class RewardConfig:
     """Reward model (`stage: rm`): loss -log σ(r_chosen - r_rejected - margin) + centring."""
 
@@ -261,6 +277,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready)."""

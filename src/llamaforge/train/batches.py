@@ -160,19 +160,27 @@ class BatchSource:
     def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]:
         """One epoch's micro-batches, without touching the stream position (for evaluation)."""
         for ids in self.order(epoch):
-            yield self.collate_fn([self.examples[i] for i in ids])
+            yield self.batch_of(ids)
 
     def __iter__(self) -> BatchSource:
         return self
 
-    def __next__(self) -> Batch:
+    def next_ids(self) -> list[int]:
+        """Example indices of the next micro-batch, advancing the position (no collation)."""
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         if self.max_epochs is not None and self.epoch >= self.max_epochs:
             raise StopIteration
         ids = self._batches_of(self.epoch)[self.index]
         self.index += 1
+        return ids
+
+    def batch_of(self, ids: Sequence[int]) -> Batch:
+        """The collated micro-batch of these example indices."""
         return self.collate_fn([self.examples[i] for i in ids])
+
+    def __next__(self) -> Batch:
+        return self.batch_of(self.next_ids())
 
     def state_dict(self) -> dict[str, int]:
         """Position of the next micro-batch: {"epoch", "index"}."""
@@ -181,3 +189,66 @@ class BatchSource:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at the micro-batch `state_dict()` pointed to."""
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+FILLER = "filler"  # key of an evaluation batch that only keeps ranks in step (not counted)
+
+
+class RankShard:
+    """One rank's share of a BatchSource: micro-batch i of the global stream goes to rank
+    i % world.
+
+    Every rank walks the same global stream (collating only its own micro-batches), so the
+    position is the source's (epoch, index), equal on all ranks and meaningful at any world
+    size: an epoch is seen once, no example twice, and a checkpoint taken at world size 2
+    resumes at 1 or 3 on the next unseen micro-batch. A step at world size W draws
+    `grad_accum` micro-batches per rank, W * grad_accum of the stream.
+    """
+
+    def __init__(self, source: BatchSource, rank: int, world: int, eval_limit: int | None = None):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        self.source, self.rank, self.world = source, rank, world
+        self.eval_limit = eval_limit  # evaluation reads the first N global micro-batches
+
+    def __iter__(self) -> RankShard:
+        return self
+
+    def __next__(self) -> Batch:
+        mine: list[int] = []
+        for r in range(self.world):
+            ids = self.source.next_ids()
+            mine = ids if r == self.rank else mine
+        return self.source.batch_of(mine)
+
+    def state_dict(self) -> dict[str, int]:
+        """The global stream position (the same on every rank)."""
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume the global stream; this rank continues with its share of it."""
+        self.source.load_state_dict(state)
+
+    def total_steps(self, epochs: float, grad_accum: int = 1) -> int:
+        """Optimizer steps for `epochs`: each consumes grad_accum * world micro-batches."""
+        return self.source.total_steps(epochs, grad_accum * self.world)
+
+    @property
+    def progress(self) -> float:
+        """Epochs of the global stream consumed so far."""
+        return self.source.progress
+
+    def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]:
+        """This rank's evaluation batches; every rank yields the same number of them.
+
+        Where the global count is not a multiple of the world size, the short ranks get a
+        copy of another rank's batch marked FILLER: they run the forward pass (so sharded
+        weights are gathered in step) and the evaluation leaves it out.
+        """
+        order = self.source.order(epoch)[: self.eval_limit]
+        for start in range(0, len(order), self.world):
+            i = start + self.rank
+            batch = self.source.batch_of(order[min(i, len(order) - 1)])
+            if i >= len(order):
+                batch[FILLER] = torch.ones((), dtype=torch.bool)
+            yield batch

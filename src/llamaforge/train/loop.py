@@ -29,14 +29,18 @@ from tqdm import tqdm
 from ..config import TrainConfig, validate
 from ..errors import UserError
 from ..losses import count_label_tokens
-from .batches import Batch, BatchSource
+from .batches import FILLER, Batch, BatchSource
 from .checkpoint import (
     Stateful,
+    is_sharded,
     latest_checkpoint,
     load_checkpoint,
+    load_sharded_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
     trainable_state,
 )
+from .distributed import all_reduce_sum, is_distributed, world_size
 from .metrics import MetricsLogger, is_main_process, plot_losses, read_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -152,37 +156,56 @@ def accumulate_gradients(
 ) -> WindowStats:
     """Backward every micro-batch's loss sum / the window's unit count; grads accumulate.
 
-    A window without trainable units gives loss 0 and zero gradients.
+    A window without trainable units gives loss 0 and zero gradients. Under a process group
+    the unit count is the window's over all ranks, and each rank's loss is multiplied by the
+    world size (DDP and FSDP2 average gradients), so the gradient is the one of the
+    concatenated window; loss, input tokens and metrics come back summed over ranks (a NaN
+    on any rank is a NaN on all, so they all skip the step together).
     """
-    total = sum(count_fn(b) for b in window)
-    denom = max(total, 1)
     device = _model_device(model)
+    local = sum(count_fn(b) for b in window)
+    world = world_size()
+    total = local if world == 1 else int(all_reduce_sum(torch.tensor([local], device=device)))
+    denom = max(total, 1)
     loss_sum = torch.zeros((), device=device)
     counted = torch.zeros((), dtype=torch.long, device=device)
     extras: dict[str, Tensor] = {}
     for batch in window:
         with autocast():
             part, n, *more = loss_fn(model, _to_device(batch, device))
-        loss = part / denom
+        loss = part / denom * world
         if loss.requires_grad:
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += part.detach().float()
         counted += n
         _add_metrics(extras, more, lambda v: v.detach().float())
-    if int(counted) != total:  # one host sync per window
+    if int(counted) != local:  # one host sync per window
         raise ValueError(
-            f"the loss function counted {int(counted)} trainable units but count_fn {total}; "
+            f"the loss function counted {int(counted)} trainable units but count_fn {local}; "
             "pass train(count_fn=...) that counts what the loss sums over"
         )
     inputs = sum(int(b["seq_lens"].sum()) for b in window if "seq_lens" in b)
+    if world > 1:  # one all-reduce: loss sum, input tokens, metric sums
+        parts = [loss_sum, torch.tensor(float(inputs), device=device), *extras.values()]
+        summed = all_reduce_sum(torch.stack([t.double() for t in parts]))
+        loss_sum, inputs = summed[0], int(summed[1])
+        extras = dict(zip(extras, summed[2:], strict=True))
     means = {k: float(v) / denom for k, v in extras.items()}
     return WindowStats(loss=float(loss_sum) / denom, tokens=total, inputs=inputs, extras=means)
 
 
 def _grad_norm(params: list[Tensor], max_norm: float) -> float:
-    """Total gradient norm before clipping; clips to `max_norm` when it is > 0."""
-    limit = max_norm if max_norm > 0 else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    """Total gradient norm before clipping; clips to `max_norm` when it is > 0.
+
+    Under FSDP2 the gradients are shards: the norm is combined over ranks (the global one),
+    so every rank clips alike and sees the same non-finite verdict.
+    """
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(norm, "full_tensor"):  # a DTensor of per-shard partial norms
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def optimizer_step(
@@ -244,7 +267,9 @@ def evaluate_loss(
     """Unit-weighted validation loss, its perplexity (LM losses) and the loss's metrics.
 
     Returns {"val_loss", "val_ppl"} (perplexity=True) plus "val_<metric>" per metric the
-    loss function reports (e.g. a reward model's val_accuracy).
+    loss function reports (e.g. a reward model's val_accuracy). Under a process group each
+    rank evaluates its share (batches marked FILLER only keep ranks in step) and the sums
+    are reduced over ranks.
     """
     was_training = model.training
     model.eval()
@@ -255,11 +280,19 @@ def evaluate_loss(
         for i, batch in enumerate(_batches_of(data, batch_size, pad_id)):
             if max_batches is not None and i >= max_batches:
                 break
+            filler = batch.pop(FILLER, None) is not None
             part, n, *more = loss_fn(model, _to_device(batch, device))
+            if filler:  # same metric keys on every rank, nothing counted
+                _add_metrics(extras, more, lambda _v: 0.0)
+                continue
             total, count = total + float(part), count + int(n)
             _add_metrics(extras, more, float)
     finally:
         model.train(was_training)
+    if world_size() > 1:
+        sums = torch.tensor([total, count, *extras.values()], dtype=torch.float64, device=device)
+        total, count, *values = all_reduce_sum(sums).tolist()
+        extras = dict(zip(extras, values, strict=True))
     if count == 0:
         raise ValueError("evaluation data has no positions with labels")
     loss = total / count
@@ -407,6 +440,7 @@ class _Loop:
             "evals_without_gain": self.evals_without_gain,
             "total_steps": self.total_steps,
             "precision": self.precision,
+            "micro_batches_per_step": self.cfg.optim.grad_accum * world_size(),
         }
 
     def resume(self) -> None:
@@ -415,7 +449,10 @@ class _Loop:
         path = self._resume_path()
         if path is None:
             return
-        ckpt = load_checkpoint(
+        # A sharded checkpoint is resharded to this job's world size (one process included);
+        # a single-process one is broadcast and sharded when this job is distributed.
+        sharded = is_sharded(path) or is_distributed()
+        ckpt = (load_sharded_checkpoint if sharded else load_checkpoint)(
             path,
             model=self.model,
             optimizer=self.optimizer,
@@ -430,6 +467,7 @@ class _Loop:
         self.tokens_seen, self.skipped = extra["tokens_seen"], extra["skipped_steps"]
         self.bad_streak, self.best_val = extra["bad_streak"], extra["best_val_loss"]
         self.evals_without_gain = extra["evals_without_gain"]
+        self._warn_batch_change(extra.get("micro_batches_per_step"))
         if extra.get("total_steps", self.total_steps) != self.total_steps:
             warnings.warn(
                 f"resuming a run planned for {extra['total_steps']} steps with "
@@ -439,6 +477,16 @@ class _Loop:
         if self.main:
             truncate_metrics(self.logger.path, self.step)
             print(f"llamaforge: resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def _warn_batch_change(self, before: int | None) -> None:
+        now = self.cfg.optim.grad_accum * world_size()
+        if before is not None and before != now:
+            warnings.warn(
+                f"resuming a run that drew {before} micro-batches per step with {now} "
+                "(grad_accum x world size): the global batch changes from here; keep "
+                "grad_accum x processes constant to continue the same run",
+                stacklevel=3,
+            )
 
     def _resume_path(self) -> Path | None:
         resume = self.cfg.checkpoint.resume
@@ -452,21 +500,25 @@ class _Loop:
         return path
 
     def save(self) -> None:
-        """Write a checkpoint of the current step (main process only)."""
-        if not self.main or self.result.checkpoint == self._ckpt_path():
+        """Write a checkpoint of the current step: sharded by every rank, else by the main one."""
+        if self.result.checkpoint == self._ckpt_path():
             return
-        self.result.checkpoint = save_checkpoint(
-            self.ckpt_dir,
-            self.step,
-            trainable_state(self.model),
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            source_state=self.source.state_dict(),
-            extra=self._extra(),
-            objects=self.objects,
-            keep=self.cfg.checkpoint.keep,
-        )
+        state: dict[str, Any] = {
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "source_state": self.source.state_dict(),
+            "extra": self._extra(),
+            "objects": self.objects,
+            "keep": self.cfg.checkpoint.keep,
+        }
+        if is_distributed():
+            path = save_sharded_checkpoint(self.ckpt_dir, self.step, model=self.model, **state)
+        elif self.main:
+            path = save_checkpoint(self.ckpt_dir, self.step, trainable_state(self.model), **state)
+        else:
+            return
+        self.result.checkpoint = path
 
     def _ckpt_path(self) -> Path:
         return self.ckpt_dir / f"checkpoint-{self.step:08d}"
