@@ -351,23 +351,17 @@ def init_like_hf(model: torch.nn.Module, std: float = 0.02) -> None:
                 p.normal_(0.0, std)
 
 
-def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
-    """llamaforge as its recipe sets it up: base dtype, method, loss, optimizer, autocast.
+def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
+    """llamaforge's model as its recipe sets it up: base dtype, method, kernels, checkpointing.
 
-    Variants: `llamaforge-plain` turns every fused kernel off (the plain-PyTorch references);
-    `llamaforge-bf16` keeps full fine-tuning's weights and AdamW states in bf16
-    (`llamaforge-bf16-fused`: updated by one Triton kernel per parameter);
-    `llamaforge-offload` keeps the checkpointed layer inputs in CPU memory (long context).
-    The feed-forward runs over 16,384-token slices past that many tokens, the loop's default.
+    Returns (model, precision, notes); `llamaforge_trainee` documents the variants.
     """
     ensure_llamaforge()
-    from llamaforge.adapters.inject import apply_lora, parameter_counts
-    from llamaforge.config import OptimConfig, TrainConfig
+    from llamaforge.adapters.inject import apply_lora
+    from llamaforge.config import TrainConfig
     from llamaforge.kernels import Kernels
-    from llamaforge.losses import chunked_causal_lm_loss_fn
     from llamaforge.model.llama import Llama
-    from llamaforge.train.loop import autocast_context, resolve_precision
-    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.loop import resolve_precision
     from llamaforge.train.recipe import base_dtype
 
     precision = resolve_precision("auto", dev)
@@ -396,17 +390,6 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     model.checkpoint_layers = spec.ckpt_layers
     model.set_mlp_chunk(TrainConfig().mlp_chunk_tokens)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(model, OptimConfig(lr=LR[spec.method]))
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        with autocast_context(precision, dev):
-            loss_sum, n = chunked_causal_lm_loss_fn(model, {"input_ids": ids, "labels": ids})
-        loss = loss_sum / n
-        loss.backward()
-        optimizer_update(opt, params)
-        return loss.detach()
-
     notes = {
         "lora": f"{dtype_name(dtype)} base, fp32 LoRA",
         "qlora": f"llamaforge NF4+DQ base, {dtype_name(compute)} compute, fp32 LoRA",
@@ -421,7 +404,37 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     if spec.ckpt_layers is not None:
         n = min(spec.ckpt_layers, len(model.layers))
         kernels += f", {n} of {len(model.layers)} blocks checkpointed"
-    return Trainee(step, parameter_counts(model)[0], f"{notes}; {kernels}")
+    return model, precision, f"{notes}; {kernels}"
+
+
+def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
+    """llamaforge as its recipe sets it up: base dtype, method, loss, optimizer, autocast.
+
+    Variants: `llamaforge-plain` turns every fused kernel off (the plain-PyTorch references);
+    `llamaforge-bf16` keeps full fine-tuning's weights and AdamW states in bf16
+    (`llamaforge-bf16-fused`: updated by one Triton kernel per parameter);
+    `llamaforge-offload` keeps the checkpointed layer inputs in CPU memory (long context).
+    The feed-forward runs over 16,384-token slices past that many tokens, the loop's default.
+    """
+    from llamaforge.adapters.inject import parameter_counts
+    from llamaforge.config import OptimConfig
+    from llamaforge.losses import chunked_causal_lm_loss_fn
+    from llamaforge.train.loop import autocast_context
+    from llamaforge.train.optim import build_optimizer
+
+    model, precision, notes = llamaforge_model(spec, stack, dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, OptimConfig(lr=LR[spec.method]))
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        with autocast_context(precision, dev):
+            loss_sum, n = chunked_causal_lm_loss_fn(model, {"input_ids": ids, "labels": ids})
+        loss = loss_sum / n
+        loss.backward()
+        optimizer_update(opt, params)
+        return loss.detach()
+
+    return Trainee(step, parameter_counts(model)[0], notes)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
