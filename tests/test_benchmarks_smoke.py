@@ -114,3 +114,18 @@ def test_train_throughput_sweep_stops_a_stack_after_out_of_memory(monkeypatch, c
     assert "GPU memory capped at 79 GiB" in table
     assert "| 64 | 16 | 0.6 | OOM | > 1.5 |" in table
     assert "| 128 | 8 | 1.3 | skipped |" in table
+
+
+def test_preference_speed_tiny(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "preference_speed.json"
+    stacks = "llamaforge-dpo,trl-dpo,llamaforge-rm"
+    _script("preference_speed").main(
+        ["--shape", "tiny", "--steps", "1", "--warmup", "1", "--stacks", stacks, "--out", str(out)]
+    )
+    report = json.loads(out.read_text())
+    dpo, trl_dpo, rm = (report["results"][n] for n in stacks.split(","))
+    assert abs(dpo["loss_first"] - math.log(2)) < 1e-3  # reference = policy at step 0
+    assert abs(trl_dpo["loss_mean"] - math.log(2)) < 0.05  # the same pairs through TRL
+    assert rm["tokens_per_s"] > 0 and rm["trainable_params"] > dpo["trainable_params"]  # head
+    assert report["ratios"]["trl-dpo"]["tokens_per_s"] > 0
