@@ -51,7 +51,7 @@ def site(tmp_path_factory):
     shutil.copy(root / "sft-a" / "config.yaml", live / "config.yaml")
     logger = MetricsLogger(live, tensorboard=False)
     for step in (1, 2, 3):
-        logger.log({"step": step, "kind": "train", "loss": 5.0 - step, "lr": 0.01})
+        logger.log({"step": step, "kind": "train", "loss": 5.0 - step, "lr": 0.01, "kl": step / 8})
     argv = ["ui", str(root), "--model", str(base), "--adapter", f"topic={adapter}"]
     argv += ["--template", "chatml", "--max-len", "128", "--max-tokens", str(MAX_TOKENS)]
     app, engine, _ = build_ui(build_parser().parse_args(argv))
@@ -99,7 +99,7 @@ def shot(pg, name: str) -> None:
 
 PLOT = """([title, label]) => {
   const slot = document.querySelector(`.chart-slot[data-chart="${title}"]`);
-  const svg = slot.querySelector("svg");
+  const svg = slot.querySelector(".chart-box > svg");
   const path = [...svg.querySelectorAll("path.series")].find((p) => p.dataset.label === label);
   return { scale: { ...svg.dataset }, d: path ? path.getAttribute("d") : null };
 }"""
@@ -172,7 +172,7 @@ def test_dashboard_lists_runs_and_draws_their_jsonl_values(site, page):
         assert_matches(plotted(page, title, label), series(run, kind, key))
     assert page.locator('.chart-slot[data-chart="Reward accuracy"] path.series').count() == 2
     # hover: the read-out shows the values at the step under the pointer
-    svg = page.locator('.chart-slot[data-chart="Loss"] svg')
+    svg = page.locator('.chart-slot[data-chart="Loss"] .chart-box > svg')
     scale = svg.evaluate("s => ({ ...s.dataset })")
     box = svg.bounding_box()
     x = (float(scale["px0"]) + (float(scale["px1"]) - float(scale["px0"])) * 0.4) / 640
@@ -203,6 +203,7 @@ def test_live_run_gains_a_step_without_reload(site, page):
     page.goto(url + "/#/runs/0%2Flive-c")
     page.wait_for_selector('.chart-slot[data-chart="Loss"] path.series')
     assert_matches(plotted(page, "Loss", "train loss"), [(1, 4), (2, 3), (3, 2)])
+    assert_matches(plotted(page, "KL", "kl"), [(1, 0.125), (2, 0.25), (3, 0.375)])  # as PPO logs
     page.evaluate("window.__sameDocument = true")
     logger.log({"step": 4, "kind": "train", "loss": 1.25, "lr": 0.01})
     page.wait_for_function(

@@ -8,7 +8,11 @@ const CHARTS = [
   { title: "Validation loss", series: [["eval", "val_loss", "val loss"]] },
   { title: "Learning rate", series: [["train", "lr", "lr"]] },
   { title: "Tokens / s", series: [["train", "tokens_per_s", "trained tokens/s"],
-                                  ["train", "input_tokens_per_s", "input tokens/s"]] },
+                                  ["train", "input_tokens_per_s", "input tokens/s"],
+                                  ["train", "generation_tokens_per_s", "generated tokens/s"],
+                                  ["train", "training_tokens_per_s", "trained tokens/s"]] },
+  { title: "Reward", series: [["train", "reward_mean", "reward mean"],
+                              ["train", "shaped_reward_mean", "reward - KL penalty"]] },
   { title: "Reward accuracy", series: [["train", "accuracy", "train accuracy"],
                                        ["eval", "val_accuracy", "val accuracy"]] },
   { title: "Reward margin", series: [["train", "margin", "train margin"],
@@ -18,12 +22,14 @@ const CHARTS = [
                                ["eval", "val_reward_chosen", "val chosen"],
                                ["eval", "val_reward_rejected", "val rejected"]] },
   { title: "KL", series: [["train", "kl", "kl"], ["eval", "val_kl", "val kl"]] },
+  { title: "Entropy", series: [["train", "entropy", "entropy"]] },
   { title: "Log-probs", series: [["train", "logp_chosen", "chosen"],
                                  ["train", "logp_rejected", "rejected"]] },
   { title: "Validation perplexity", series: [["eval", "val_ppl", "val ppl"]] },
   { title: "Gradient norm", series: [["train", "grad_norm", "grad norm"]] },
 ];
 
+const DASHES = ["", "6 3", "2 3", "8 3 2 3"];
 const state = { info: null, view: null, timers: [], selected: new Set(), chat: null };
 
 function el(tag, attrs, ...children) {
@@ -192,16 +198,19 @@ function renderRuns(view, ids) {
     return { def: c, slot, chart: null };
   });
 
+  // One run: a colour per curve. Several: a colour per run, a dash pattern per curve.
   const drawCharts = () => {
     for (const s of slots) {
       const series = [];
-      runs.forEach((run) => {
-        for (const [kind, key, label] of s.def.series) {
+      runs.forEach((run, i) => {
+        s.def.series.forEach(([kind, key, label], j) => {
           const points = seriesOf(run.records, kind, key);
-          if (!points.length) continue;
-          series.push({ label: runs.length > 1 ? `${run.name}: ${label}` : label, points,
-                        run: run.id, key });
-        }
+          if (!points.length) return;
+          const many = runs.length > 1;
+          series.push({ label: many ? `${run.name}: ${label}` : label, points,
+                        color: many ? window.PALETTE[i % window.PALETTE.length] : undefined,
+                        dash: many ? DASHES[j % DASHES.length] : undefined });
+        });
       });
       if (!series.length) continue;
       if (!s.chart) s.chart = new window.LineChart(s.slot, { title: s.def.title, xLabel: "step" });

@@ -75,11 +75,12 @@ class LineChart {
     this.svg.addEventListener("mouseleave", () => this.unhover());
   }
 
-  // series: [{label, points: [[x, y], ...]}]; y may be null (a gap).
+  // series: [{label, points: [[x, y], ...], color?, dash?}]; y may be null (a gap).
   setSeries(series) {
     this.series = series.map((s, i) => ({
       ...s,
       color: s.color || PALETTE[i % PALETTE.length],
+      dash: s.dash || "",
       points: s.points.filter((p) => Number.isFinite(p[0])),
     }));
     this.draw();
@@ -135,6 +136,7 @@ class LineChart {
         pen = true;
       }
       const path = svgEl("path", { class: "series", d, stroke: s.color });
+      if (s.dash) path.setAttribute("stroke-dasharray", s.dash);
       path.dataset.label = s.label;
       svg.append(path);
       const finite = s.points.filter((p) => p[1] !== null && Number.isFinite(p[1]));
@@ -157,8 +159,11 @@ class LineChart {
     for (const s of this.series) {
       const item = document.createElement("span");
       item.className = "legend-item";
-      const swatch = document.createElement("i");
-      swatch.style.background = s.color;
+      const swatch = svgEl("svg", { width: 22, height: 10, viewBox: "0 0 22 10" });
+      const line = svgEl("line", { x1: 1, x2: 21, y1: 5, y2: 5, stroke: s.color,
+                                   "stroke-width": 2.5 });
+      if (s.dash) line.setAttribute("stroke-dasharray", s.dash);
+      swatch.append(line);
       const text = document.createElement("span");
       text.textContent = s.label;
       item.append(swatch, text);
@@ -232,3 +237,4 @@ class LineChart {
 
 window.LineChart = LineChart;
 window.formatNumber = formatNumber;
+window.PALETTE = PALETTE;
