@@ -231,9 +231,41 @@ def test_train_stage_end_to_end_and_resume_exactly(tmp_path, base_dir, stage, me
     assert [c.name for c in ckpts] == ["checkpoint-00000002", "checkpoint-00000004"]
     shutil.rmtree(ckpts[-1])
     assert main(["train", str(cfg)]) == 0
-    assert "resumed from" in capsys.readouterr().err and "checkpoint-00000002" in str(ckpts[0])
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "checkpoint-00000002" in str(ckpts[0])
+    # full DPO's reference log-probs come back from the disk cache (same values: same losses)
+    assert ("reference log-probs from cache" in err) == ((stage, method) == ("dpo", "full"))
     again = [m for m in _metrics(out) if m["kind"] == "train"]
     assert [round(m["loss"], 6) for m in again] == [round(m["loss"], 6) for m in train]
+
+
+def test_damaged_reference_cache_is_recomputed(tmp_path, tok):
+    from types import SimpleNamespace
+
+    from llamaforge.config import DataConfig, RunConfig
+    from llamaforge.train.stages import REF_KEYS, STAGES, reference_cache_file
+
+    pairs = _pairs(tok)
+    cfg = RunConfig(
+        model="smollm2-135m-instruct",
+        data=DataConfig(path=str(PAIRS), cache_dir=str(tmp_path / "data")),
+        stage="dpo",
+        method="full",
+    )
+    model = random_model("tiny-llama3", seed=2)
+
+    def reference() -> list[float]:
+        splits = SimpleNamespace(train=[dict(e) for e in pairs.train], validation=[])
+        STAGES["dpo"].before_train(model, cfg, splits, 0)
+        return [e[k] for e in splits.train for k in REF_KEYS]
+
+    first = reference()
+    (cached,) = (tmp_path / "reference").glob("*.npz")
+    assert reference() == first  # read back
+    cached.write_bytes(b"not an npz")
+    assert reference() == first and cached.stat().st_size > 100  # recomputed and rewritten
+    assert not list(cached.parent.glob(".*.tmp"))
+    assert reference_cache_file(cfg, "k").parent == tmp_path / "reference"
 
 
 def test_rm_stage_needs_pairs(tmp_path, base_dir, capsys):

@@ -8,15 +8,21 @@ the rest the same way for all of them (load, method, data, loop, outputs, evalua
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..adapters.lora import disable_adapters
 from ..config import RunConfig
+from ..io.atomic import write_file_atomic
 from ..io.hf import add_score_head
 from ..losses import (
     REFERENCE_FREE,
@@ -31,6 +37,7 @@ from .batches import Batch, collate, collate_pairs
 from .loop import LossFn, autocast_context, resolve_precision
 
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
+PAIR_KEYS = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
 
 
 @dataclass(frozen=True)
@@ -107,14 +114,90 @@ def precompute_reference(model: nn.Module, examples: list[dict], pad_id: int, ba
         model.train(was)
 
 
+def reference_cache_key(cfg: RunConfig, splits: Any, device: torch.device) -> str:
+    """Everything the starting model's log-probs depend on: tokens, weights, precision.
+
+    The examples' token ids and labels are hashed; the model's files by path, size and
+    modification time (hashing gigabytes of weights would cost more than it saves).
+    """
+    from ..data.cache import cache_key
+    from ..io.load import resolve_model_path
+
+    tokens = hashlib.sha256()
+    for examples in (splits.train, splits.validation):
+        for ex in examples:
+            tokens.update(json.dumps([ex[k] for k in PAIR_KEYS]).encode())
+        tokens.update(b"|")
+    path = resolve_model_path(cfg.model)
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    stats = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    return cache_key(
+        {
+            "kind": "dpo-reference-logps",
+            "tokens": tokens.hexdigest(),
+            "model": stats,
+            "method": cfg.method,
+            "precision": resolve_precision(cfg.precision, device),
+            "device": device.type,
+            "master_dtype": cfg.optim.master_dtype,
+            "batch_size": cfg.optim.batch_size,
+        }
+    )
+
+
+def reference_cache_file(cfg: RunConfig, key: str) -> Path:
+    """`<data cache dir>/../reference/<key>.npz` (beside the token cache)."""
+    from ..data.cache import default_cache_dir
+
+    base = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    return base.parent / "reference" / f"{key}.npz"
+
+
+def _load_reference(path: Path, splits: Any) -> bool:
+    """Put cached log-probs into the examples; False if absent, damaged or mismatched."""
+    parts = (splits.train, splits.validation)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            values = [z[f"{i}.{k}"] for i in range(len(parts)) for k in REF_KEYS]
+    except (OSError, ValueError, KeyError):
+        return False
+    if any(len(v) != len(parts[i // 2]) for i, v in enumerate(values)):
+        return False
+    for i, examples in enumerate(parts):
+        for k, column in zip(REF_KEYS, values[2 * i : 2 * i + 2], strict=True):
+            for ex, v in zip(examples, column.tolist(), strict=True):
+                ex[k] = float(v)
+    return True
+
+
+def _save_reference(path: Path, splits: Any) -> None:
+    """Atomically: a temporary file in the same folder, renamed into place."""
+    arrays = {
+        f"{i}.{k}": np.asarray([ex[k] for ex in examples], dtype=np.float64)
+        for i, examples in enumerate((splits.train, splits.validation))
+        for k in REF_KEYS
+    }
+    write_file_atomic(path, lambda f: np.savez(f, **arrays))
+
+
 def _dpo_before_train(model: nn.Module, cfg: RunConfig, splits: Any, pad_id: int) -> None:
-    """Reference log-probs in the precision training runs in, with the starting weights."""
+    """Reference log-probs in the precision training runs in, with the starting weights.
+
+    Computed once and cached on disk (`reference_cache_key`): a resumed or repeated run
+    with the same data, model and precision reads them back instead of a forward pass
+    over the whole data set.
+    """
     if not uses_precomputed_reference(cfg):
         return
     device = next(model.parameters()).device
+    path = reference_cache_file(cfg, reference_cache_key(cfg, splits, device))
+    if _load_reference(path, splits):
+        print(f"reference log-probs from cache {path}", file=sys.stderr)
+        return
     with autocast_context(resolve_precision(cfg.precision, device), device):
         for examples in (splits.train, splits.validation):
             precompute_reference(model, examples, pad_id, cfg.optim.batch_size)
+    _save_reference(path, splits)
 
 
 STAGES: dict[str, Stage] = {
