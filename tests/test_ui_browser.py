@@ -244,7 +244,7 @@ WATCH = """() => {
 
 def test_chat_streams_an_answer_over_the_api_and_keeps_history(site, page):
     url, _, throttle, _ = site
-    throttle["s"] = 0.03  # tokens arrive one by one, as from a real model
+    throttle["s"] = 0.05  # tokens arrive one by one, as from a real model
     try:
         _open_chat(page, url, "topic", 12, system="Answer briefly.")
         page.evaluate(WATCH)

@@ -14,7 +14,7 @@ from llamaforge.cli import build_parser, main
 from llamaforge.train.metrics import MetricsLogger
 from llamaforge.ui.app import create_ui_app
 from llamaforge.ui.launch import build_ui
-from llamaforge.ui.runs import RunIndex, RunNotFound, read_from, run_status
+from llamaforge.ui.runs import RunIndex, RunNotFound, Tally, read_from, run_status
 from tests.serve_helpers import LiveServer
 
 
@@ -65,6 +65,25 @@ def test_read_from_returns_whole_new_lines_and_resets_when_trimmed(tmp_path):
     assert reset and [r["loss"] for r in recs] == [3.0]
 
 
+def test_tally_reads_only_new_lines_and_notices_a_rewrite(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps(train(i, 10.0 - i)) + "\n" for i in range(1, 6)]
+    path.write_text("".join(lines[:3]))
+    t = Tally().update(path)
+    assert (t.step, t.loss, t.offset) == (3, 7.0, path.stat().st_size)
+    with open(path, "a") as f:
+        f.write(lines[3])
+    t2 = t.update(path)
+    assert t2 is t and (t.step, t.loss) == (4, 6.0)
+    # a resumed run rewrote the file from step 2, then logged past the old offset again
+    redo = [json.dumps({**train(i, 100.0 + i), "lr": 0.02}) + "\n" for i in range(3, 9)]
+    path.write_text(lines[0] + lines[1] + "".join(redo))
+    assert path.stat().st_size > t.offset
+    t3 = t.update(path)
+    assert t3 is not t and (t3.step, t3.loss) == (8, 108.0)
+    assert run_status([train(1, 1.0)], finished=False) == t3.state(False)
+
+
 def test_index_finds_runs_and_refuses_paths_outside(tmp_path):
     root = tmp_path / "runs"
     fake_run(root / "a", [train(1, 2.0)], finished=True)
@@ -73,7 +92,9 @@ def test_index_finds_runs_and_refuses_paths_outside(tmp_path):
     fake_run(tmp_path / "outside", [train(1, 9.0)])
     (root / "link").symlink_to(tmp_path / "outside")
     index = RunIndex([root])
-    runs = {r.rid: r.summary() for r in index.find()}
+    runs = {r["id"]: r for r in index.summaries()}
+    assert runs == {r["id"]: r for r in index.summaries()}  # a second poll reads nothing new
+    assert runs == {r.rid: r.summary() for r in index.find()}
     assert set(runs) == {"0/a", "0/group/b"}  # symlinks are not followed
     assert runs["0/a"]["status"] == "finished" and runs["0/group/b"]["step"] == 2
     assert runs["0/group/b"]["loss"] == 1.0 and runs["0/group/b"]["max_steps"] == 9

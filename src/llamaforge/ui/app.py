@@ -91,7 +91,7 @@ def ui_router(index: RunIndex, *, api_key: str | None = None, chat: bool = False
 
     @router.get("/ui/api/runs")
     async def runs(request: HTTPRequest) -> JSONResponse:
-        return await answer(request, lambda: {"runs": [r.summary() for r in index.find()]})
+        return await answer(request, lambda: {"runs": index.summaries()})
 
     @router.get("/ui/api/runs/{rid:path}")
     async def run(rid: str, request: HTTPRequest) -> JSONResponse:

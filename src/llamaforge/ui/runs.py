@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,44 +73,80 @@ def parse_records(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
+TAIL = 64  # bytes before an offset remembered to notice a file rewritten in place
+
+
+def _read(path: Path, offset: int, tail: bytes = b"") -> tuple[list[dict], int, bool, bytes]:
+    """`read_from` plus the last TAIL bytes read; a `tail` that no longer precedes `offset`
+    (the file was rewritten, then grew past it again) also resets."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        reset = offset > size or offset < 0
+        if not reset and tail:
+            f.seek(offset - len(tail))
+            reset = f.read(len(tail)) != tail
+        start = 0 if reset else offset
+        lead = min(start, TAIL)  # bytes read before `start`, for the next tail
+        f.seek(start - lead)
+        data = f.read(size - start + lead)
+    end = max(data.rfind(b"\n") + 1, lead)  # a line still being written waits
+    return parse_records(data[lead:end]), start - lead + end, reset, data[max(end - TAIL, 0) : end]
+
+
 def read_from(path: Path, offset: int) -> tuple[list[dict[str, Any]], int, bool]:
     """(records after byte `offset`, the offset after the last whole line, reset).
 
     `reset` is True when the file is now shorter than `offset` (a resumed run trims its
     metrics): the records then start from the beginning.
     """
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        reset = offset > size or offset < 0
-        start = 0 if reset else offset
-        f.seek(start)
-        data = f.read(size - start)
-    end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
-    return parse_records(data[:end]), start + end, reset
+    records, end, reset, _ = _read(path, offset)
+    return records, end, reset
+
+
+class Tally:
+    """What the runs table needs from a metrics file, folded record by record."""
+
+    def __init__(self) -> None:
+        self.offset, self.tail = 0, b""
+        self.status, self.detail = "running", None
+        self.step = self.loss = self.val_loss = None
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        """Fold more records in (in file order)."""
+        for r in records:
+            if r.get("kind") == "train":
+                self.status, self.detail = "running", None  # a resumed run trains again
+                self.step = r.get("step", self.step)
+                self.loss = r["loss"] if r.get("loss") is not None else self.loss
+            elif r.get("kind") == "eval" and r.get("val_loss") is not None:
+                self.val_loss = r["val_loss"]
+            elif r.get("event") in ("failed", "aborted"):
+                self.status, self.detail = "failed", r.get("error")
+            elif r.get("event") == "signal":
+                self.status, self.detail = "stopped", f"signal {r.get('signal')}"
+            elif r.get("event") == "early_stop":
+                self.detail = "early stop"
+
+    def state(self, finished: bool) -> tuple[str, str | None]:
+        """(running | finished | stopped | failed, detail); `finished`: eval.json exists."""
+        if self.status == "running" and finished:
+            return "finished", self.detail
+        return self.status, self.detail
+
+    def update(self, path: Path) -> Tally:
+        """This tally advanced over the lines appended to `path`, or a new one on a rewrite."""
+        records, end, reset, tail = _read(path, self.offset, self.tail)
+        t = Tally() if reset else self
+        t.add(records)
+        t.offset, t.tail = end, tail
+        return t
 
 
 def run_status(records: list[dict[str, Any]], finished: bool) -> tuple[str, str | None]:
     """(running | finished | stopped | failed, detail) from the run's own records."""
-    status, detail = "running", None
-    for r in records:
-        if r.get("kind") == "train":
-            status, detail = "running", None  # a resumed run trains again after its stop
-        elif r.get("event") in ("failed", "aborted"):
-            status, detail = "failed", r.get("error")
-        elif r.get("event") == "signal":
-            status, detail = "stopped", f"signal {r.get('signal')}"
-        elif r.get("event") == "early_stop":
-            detail = "early stop"
-    if status == "running" and finished:
-        status = "finished"
-    return status, detail
-
-
-def _last(records: list[dict[str, Any]], kind: str, key: str) -> Any:
-    for r in reversed(records):
-        if r.get("kind") == kind and r.get(key) is not None:
-            return r[key]
-    return None
+    t = Tally()
+    t.add(records)
+    return t.state(finished)
 
 
 @dataclass
@@ -137,12 +174,12 @@ class Run:
             final if isinstance(final, dict) else None,
         )
 
-    def summary(self) -> dict[str, Any]:
-        """What the runs table shows."""
+    def summary(self, tally: Tally | None = None) -> dict[str, Any]:
+        """What the runs table shows (`tally`: this run's metrics already folded)."""
         cfg, _ = self.config()
-        records, _, _ = read_from(self.path / METRICS_FILE, 0)
+        t = tally or Tally().update(self.path / METRICS_FILE)
         before, final = self.evals()
-        status, detail = run_status(records, final is not None)
+        status, detail = t.state(final is not None)
         data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
         return clean(
             {
@@ -154,10 +191,10 @@ class Run:
                 "data": data.get("path"),
                 "status": status,
                 "detail": detail,
-                "step": _last(records, "train", "step"),
+                "step": t.step,
                 "max_steps": cfg.get("max_steps"),
-                "loss": _last(records, "train", "loss"),
-                "val_loss": _last(records, "eval", "val_loss"),
+                "loss": t.loss,
+                "val_loss": t.val_loss,
                 "before": (before or {}).get("scores"),
                 "after": (final or {}).get("after"),
                 "updated": (self.path / METRICS_FILE).stat().st_mtime,
@@ -195,6 +232,17 @@ class RunIndex:
             if not p.is_dir():
                 raise UserError(f"RUNS_DIR {r}: no such folder")
             self.roots.append(p.resolve())
+        self._tallies: dict[Path, Tally] = {}  # kept between polls: only new lines are read
+        self._lock = threading.Lock()
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """The table: every run's summary, its metrics read on from where the last poll left."""
+        runs = self.find()
+        with self._lock:
+            old, self._tallies = self._tallies, {}
+            for r in runs:
+                self._tallies[r.path] = old.get(r.path, Tally()).update(r.path / METRICS_FILE)
+            return [r.summary(self._tallies[r.path]) for r in runs]
 
     def find(self) -> list[Run]:
         """Every run under the roots (symlinks not followed, output folders not entered)."""
