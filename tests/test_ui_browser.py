@@ -308,3 +308,20 @@ def test_refused_request_shows_the_servers_error(site, page):
     assert error.text_content() == f"400: max_tokens must be at most {MAX_TOKENS}"
     assert page.locator(".msg-assistant").count() == 0
     assert page.locator(".msg-user.failed").count() == 1
+
+
+def test_a_server_with_a_key_asks_for_it(site, page):
+    from llamaforge.ui.app import create_ui_app
+    from llamaforge.ui.runs import RunIndex
+
+    _, root, _, _ = site
+    with LiveServer(create_ui_app(RunIndex([root]), api_key="sk-ui")) as keyed:
+        page.goto(keyed.url + "/")
+        banner = page.locator("#banner")
+        banner.wait_for()
+        assert "API key" in banner.text_content()
+        assert page.locator("#runs-table tbody tr[data-run-id]").count() == 0
+        page.fill("#api-key", "sk-ui")
+        page.press("#api-key", "Enter")
+        page.wait_for_selector('#runs-table tr[data-run-id="0/sft-a"]')
+        assert banner.is_hidden()
