@@ -142,7 +142,7 @@ def random_prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
-def run_llamaforge(model, prompts, names, args, profile: bool) -> dict[str, Any]:
+def run_llamaforge(model, prompts, names, args, profile: bool, graphs: str) -> dict[str, Any]:
     from llamaforge.model.generate import SamplingParams
     from llamaforge.serve.engine import Engine, Request
 
@@ -156,9 +156,13 @@ def run_llamaforge(model, prompts, names, args, profile: bool) -> dict[str, Any]
         prefill_budget=args.prefill_budget,
         max_loras=len(names),
         max_lora_rank=args.rank,
+        graphs=graphs,
     )
     params = SamplingParams(max_new_tokens=args.output_len, stop_ids=())
-    engine.generate([prompts[0][:16]], SamplingParams(max_new_tokens=4, stop_ids=()), [names[0]])
+    # warm-up: the same requests, 8 tokens each (kernels compiled, decode graphs of these
+    # shapes captured, as a server does before it takes traffic)
+    warm = SamplingParams(max_new_tokens=8, stop_ids=())
+    engine.generate(prompts, warm, [names[i % len(names)] for i in range(c)])
     reset_peak(dev)
     sync(dev)
     t0 = time.perf_counter()
@@ -185,6 +189,8 @@ def run_llamaforge(model, prompts, names, args, profile: bool) -> dict[str, Any]
     out = sum(len(r.output) for r in reqs)
     res = summary(out, wall, ttft, itl, peak_gb(dev))
     res["pool_gb"] = round(engine.pool.nbytes() / 2**30, 2)
+    res["graphs"] = graphs
+    res["graphs_captured"] = engine.runner.captured if engine.runner is not None else 0
     res["outputs"] = [r.output for r in reqs]
     if prof_table is not None:
         res["profile"] = prof_table
@@ -314,7 +320,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--prefill-budget", type=int, default=2048)
-    p.add_argument("--stacks", default="llamaforge,hf")
+    p.add_argument(
+        "--stacks",
+        default="llamaforge,hf",
+        help="llamaforge (decode graphs on a GPU), llamaforge-nographs (plain decode), hf",
+    )
     p.add_argument("--dtype", default=None, help="bf16 (CUDA default) or fp32 (CPU default)")
     p.add_argument("--bandwidth-mib", type=int, default=2048)
     p.add_argument("--profile", action="store_true")
@@ -361,11 +371,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for c in conc:
             prompts = random_prompts(c, args.prompt_len, model.cfg.vocab_size)
             row: dict[str, Any] = {"concurrency": c, "adapters": a}
-            if "llamaforge" in stacks:
+            for stack, graphs in (("llamaforge", "auto"), ("llamaforge-nographs", "off")):
+                if stack not in stacks:
+                    continue
                 prof = args.profile and c == max(conc) and a == max(counts)
-                row["llamaforge"] = run_llamaforge(model, prompts, names, args, prof)
-                if "profile" in row["llamaforge"]:
-                    log(row["llamaforge"].pop("profile"))
+                row[stack] = run_llamaforge(model, prompts, names, args, prof, graphs)
+                if "profile" in row[stack]:
+                    log(row[stack].pop("profile"))
+                if stack != "llamaforge":
+                    row[stack].pop("outputs")
             if "hf" in stacks:
                 try:
                     if peft_model is None:
@@ -415,7 +429,7 @@ def print_table(report: dict[str, Any]) -> None:
     print("| C | adapters | stack | tok/s | TTFT p50/p99 ms | ITL p50/p99 ms | peak GB |")
     print("|---|---|---|---|---|---|---|")
     for r in report["runs"]:
-        for stack in ("llamaforge", "hf"):
+        for stack in ("llamaforge", "llamaforge-nographs", "hf"):
             s = r.get(stack)
             if not s or "skipped" in s:
                 continue

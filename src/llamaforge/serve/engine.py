@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..adapters.lora import adapter_names, lora_modules
 from ..model.generate import Decode, SamplingParams, _cut_at_stop_string
 from ..model.llama import Llama
+from .graphs import DecodeRunner
 from .kv import RowBatch, SlotPool
 from .lora_stack import AdapterStacks
 from .sampling import RowSampling, logprob_info, sample_rows
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _ids = itertools.count()
+# decode step: "cuda" replays CUDA graphs of bucketed static buffers, "static" runs those
+# buffers eagerly (how the CPU tests check that path), "off" the plain per-step path;
+# "auto" is "cuda" on a GPU, else "off"
+GRAPH_MODES = ("auto", "cuda", "static", "off")
 
 
 class EngineBusy(RuntimeError):
@@ -128,9 +133,12 @@ class Engine:
         max_queue: int = 1024,
         max_loras: int | None = None,
         max_lora_rank: int | None = None,
+        graphs: str = "auto",
     ) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
+        if graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs={graphs!r}: choose one of {', '.join(GRAPH_MODES)}")
         self.model = model  # not switched to eval: the decoder has no dropout, and a
         # training caller (rollouts) keeps its mode; engine forwards run under inference_mode
         self.decode = decode
@@ -139,7 +147,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = max(prefill_budget or prefill_chunk, prefill_chunk)
         dev, dt = model.device, model.dtype
-        self.pool = SlotPool(model.cfg, max_batch, self.max_len, dtype=dt, device=dev)
+        # one slot more than rows: the static decode path's scratch slot (graphs.py)
+        self.pool = SlotPool(model.cfg, max_batch + 1, self.max_len, dtype=dt, device=dev)
         existing = adapter_names(model)
         ranks = [r for _, m in lora_modules(model) for r in m.rank.values()]
         if max_loras is None:
@@ -149,6 +158,14 @@ class Engine:
         self.stacks = AdapterStacks(model, max_loras, max_lora_rank, dt)
         for name in existing:
             self.stacks.add(name)
+        if graphs == "auto":
+            graphs = "cuda" if dev.type == "cuda" else "off"
+        self.runner = None
+        if graphs != "off":
+            self.runner = DecodeRunner(
+                model, self.pool, self.stacks.selection, max_batch, self.max_len,
+                capture=graphs == "cuda",
+            )  # fmt: skip
         self._lock = threading.Condition()
         self._step_lock = threading.RLock()
         self._waiting: deque[Request] = deque()
@@ -401,12 +418,19 @@ class Engine:
         live = [i for i, r in enumerate(rows) if r.pending is not None]
         if not live:
             return
-        tokens = [[r.pending if r.pending is not None else 0] for r in rows]
-        n_new = [1 if r.pending is not None else 0 for r in rows]
-        hidden = self._forward(rows, tokens, n_new)  # (B, 1, C)
-        if len(live) < len(rows):
-            hidden = hidden.index_select(0, torch.tensor(live, device=hidden.device))
-        logits = self.model.lm_head(hidden[:, 0]).float()
+        if self.runner is not None:  # bucketed static buffers (CUDA graphs on a GPU)
+            slots = [None if r.adapter is None else self.stacks.slots[r.adapter] for r in rows]
+            tokens = [r.pending for r in rows]
+            logits = self.runner.logits(tokens, [r.cached for r in rows], slots)
+            if len(live) < len(rows):
+                logits = logits.index_select(0, torch.tensor(live, device=logits.device))
+        else:
+            tokens = [[r.pending if r.pending is not None else 0] for r in rows]
+            n_new = [1 if r.pending is not None else 0 for r in rows]
+            hidden = self._forward(rows, tokens, n_new)  # (B, 1, C)
+            if len(live) < len(rows):
+                hidden = hidden.index_select(0, torch.tensor(live, device=hidden.device))
+            logits = self.model.lm_head(hidden[:, 0]).float()
         fed = [rows[i] for i in live]
         for r in fed:
             r.cached += 1

@@ -1,0 +1,177 @@
+"""The decode step in fixed-shape buffers, replayed as CUDA graphs.
+
+A decode step of a large model at small batch is bound by launching its ~20 kernels per
+layer from Python, not by the GPU: the plain path (`kv.RowBatch`) builds index tensors
+and masks on every step. Here every input of the step lives in a preallocated buffer of a
+bucketed shape — rows rounded up to `ROW_BUCKETS`, attended width rounded up to a multiple
+of `WIDTH_STEP` — so one captured CUDA graph per (rows, width, adapter columns) replays
+the whole forward plus the LM head with a few host-to-device copies.
+
+What a bucket's padding does: rows past the live ones, and rows still reading their prompt
+(they feed no token this step), write their key/value to a scratch slot (the pool's last,
+never handed to a request) and attend key 0 only; their logits are dropped. Keys past a
+row's own position are masked, so a wider bucket changes no real row's attention.
+
+`DecodeRunner(capture=False)` runs the same buffers eagerly: that is how the CPU tests
+check this path (CUDA graphs themselves need a GPU; `tests/test_serve_graphs.py` compares
+replays with eager runs there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.llama import Llama
+from .kv import SlotPool
+from .lora_stack import Selection
+
+ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+WIDTH_STEP = 256
+
+
+def row_bucket(n: int, max_batch: int) -> int:
+    """Smallest bucket holding n rows (max_batch itself past the last one that fits)."""
+    return next((b for b in ROW_BUCKETS if n <= b <= max_batch), max_batch)
+
+
+class StaticDecode:
+    """One bucket's inputs (the model forward's `cache` argument): B rows, width W.
+
+    ids/positions (B, 1); write_slot/write_pos (B,) where each row's new key/value goes;
+    mask (B, 1, 1, W) keys each row sees; lora_mask (B, 1, cols) or None: the adapter
+    columns of each row (see `lora_stack.Selection`).
+    """
+
+    length = 0  # Llama.hidden_states advances this; positions are given explicitly
+
+    def __init__(self, pool: SlotPool, rows: int, width: int, cols: int, dtype: torch.dtype):
+        dev = pool.device
+        self.pool, self.rows, self.width, self.cols = pool, rows, width, cols
+        self.scratch = pool.slots - 1
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        self.write_slot = torch.full((rows,), self.scratch, dtype=torch.long, device=dev)
+        self.write_pos = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=dev)
+        self.mask[..., 0] = True
+        self.lora_mask = torch.zeros(rows, 1, cols, dtype=dtype, device=dev) if cols else None
+        self._keys = torch.arange(width)
+
+    def fill(self, tokens: list[int | None], starts: list[int], lora_slots: list[int | None],
+             rank: int) -> None:  # fmt: skip
+        """Row i feeds tokens[i] at position starts[i] into slot i (None: feeds nothing)."""
+        n, b = len(tokens), self.rows
+        live = torch.tensor([t is not None for t in tokens] + [False] * (b - n))
+        pos = torch.tensor(
+            [s if t is not None else 0 for t, s in zip(tokens, starts, strict=True)] + [0] * (b - n)
+        )
+        ids = torch.tensor([t or 0 for t in tokens] + [0] * (b - n))
+        slot = torch.where(live, torch.arange(b), torch.full((b,), self.scratch))
+        self.ids.copy_(ids[:, None], non_blocking=True)
+        self.positions.copy_(pos[:, None], non_blocking=True)
+        self.write_slot.copy_(slot, non_blocking=True)
+        self.write_pos.copy_(pos, non_blocking=True)
+        self.mask.copy_((self._keys[None, :] <= pos[:, None])[:, None, None], non_blocking=True)
+        if self.lora_mask is not None:
+            want = torch.tensor([-1 if s is None else s for s in lora_slots] + [-1] * (b - n))
+            cols = torch.arange(self.cols) // rank
+            sel = (cols[None, :] == want[:, None]).to(self.lora_mask.dtype)[:, None]
+            self.lora_mask.copy_(sel, non_blocking=True)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store each row's k/v (B, K, 1, D), attend q (B, H, 1, D): out (B, 1, H*D)."""
+        b, h, _, d = q.shape
+        n_kv = k.shape[1]
+        pk, pv = self.pool.k[layer], self.pool.v[layer]
+        pk[self.write_slot, :, self.write_pos] = k[:, :, 0]
+        pv[self.write_slot, :, self.write_pos] = v[:, :, 0]
+        keys, values = pk[:b, :, : self.width], pv[:b, :, : self.width]
+        q = q.reshape(b, n_kv, h // n_kv, d)  # the query heads sharing a kv head, as queries
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
+        return out.reshape(b, 1, h * d)
+
+
+@dataclass
+class _Entry:
+    static: StaticDecode
+    logits: torch.Tensor | None = None  # (B, V) float32, the graph's output buffer
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class DecodeRunner:
+    """Decode steps through bucketed static buffers, captured as CUDA graphs if `capture`.
+
+    The pool must hold one slot more than the engine's rows (the scratch slot). Graphs are
+    captured on first use of a bucket and kept; `clear` drops them (e.g. when the adapter
+    columns change shape, which also gives a new key).
+    """
+
+    def __init__(self, model: Llama, pool: SlotPool, selection: Selection, max_batch: int,
+                 max_len: int, *, capture: bool) -> None:  # fmt: skip
+        if capture and pool.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        if pool.slots < max_batch + 1:
+            raise ValueError("the pool needs a scratch slot past the engine's rows")
+        self.model, self.pool, self.selection = model, pool, selection
+        self.max_batch, self.max_len, self.capture = max_batch, max_len, capture
+        self._entries: dict[tuple[int, int, int], _Entry] = {}
+        self._pool_handle = torch.cuda.graph_pool_handle() if capture else None
+        self.captured = 0  # graphs captured so far (a test and the benchmark read it)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def logits(self, tokens: list[int | None], starts: list[int],
+               lora_slots: list[int | None]) -> torch.Tensor:  # fmt: skip
+        """Float32 logits (n, V) of the step; rows that feed no token hold garbage."""
+        n = len(tokens)
+        width = max(s + 1 for t, s in zip(tokens, starts, strict=True) if t is not None)
+        width = min(-(-width // WIDTH_STEP) * WIDTH_STEP, self.max_len)
+        uses_lora = self.selection.cols > 0 and any(s is not None for s in lora_slots)
+        cols = self.selection.cols if uses_lora else 0
+        entry = self._entry(row_bucket(n, self.max_batch), width, cols)
+        entry.static.fill(tokens, starts, lora_slots, self.selection.max_rank)
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            entry.logits = self._forward(entry.static)
+        return entry.logits[:n]
+
+    def _entry(self, rows: int, width: int, cols: int) -> _Entry:
+        key = (rows, width, cols)
+        entry = self._entries.get(key)
+        if entry is None:
+            static = StaticDecode(self.pool, rows, width, cols, self.model.dtype)
+            entry = self._entries[key] = _Entry(static)
+            if self.capture:
+                self._capture(entry)
+        return entry
+
+    def _forward(self, st: StaticDecode) -> torch.Tensor:
+        sel = self.selection
+        if st.lora_mask is not None:
+            sel.mask = st.lora_mask
+        else:
+            sel.base_only = True
+        try:
+            hidden = self.model.hidden_states(st.ids, positions=st.positions, cache=st)
+            return self.model.lm_head(hidden[:, 0]).float()
+        finally:
+            sel.clear()
+
+    def _capture(self, entry: _Entry) -> None:
+        """Warm up on a side stream (kernels compiled, scratch writes only), then capture."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(entry.static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool_handle):
+            entry.logits = self._forward(entry.static)
+        entry.graph = graph
+        self.captured += 1

@@ -1,0 +1,74 @@
+"""The decode step through bucketed static buffers (and CUDA graphs of them on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaforge.model.generate import SamplingParams
+from llamaforge.serve import Engine, Request
+from llamaforge.serve import graphs as graphs_mod
+from llamaforge.serve.graphs import row_bucket
+from tests.test_serve_engine import ADAPTERS, prompts, solo_reference, with_adapters
+
+
+def test_row_buckets():
+    assert [row_bucket(n, 64) for n in (1, 3, 5, 13, 33, 64)] == [1, 4, 8, 16, 48, 64]
+    assert row_bucket(5, 6) == 6 and row_bucket(70, 70) == 70  # capped by the engine's rows
+
+
+def test_static_decode_equals_plain_path_over_adapters_and_widths(monkeypatch):
+    """Rows of many lengths (several width buckets), 4 adapters and the base, staggered."""
+    monkeypatch.setattr(graphs_mod, "WIDTH_STEP", 8)
+    model = with_adapters()
+    ps = prompts(11, seed=4, lo=2, hi=45)
+    names = [(None, *ADAPTERS)[i % 5] for i in range(11)]
+    params = SamplingParams(max_new_tokens=14)
+    ref = [solo_reference(model, p, params, n) for p, n in zip(ps, names, strict=True)]
+    engine = Engine(model, max_batch=6, max_len=80, prefill_chunk=9, graphs="static")
+    reqs = []
+    for p, n in zip(ps, names, strict=True):  # join while others decode or still prefill
+        reqs.append(engine.submit(Request(p, params, n)))
+        engine.step()
+    engine.wait(reqs)
+    assert [r.output for r in reqs] == ref
+    widths = {key[1] for key in engine.runner._entries}
+    rows = {key[0] for key in engine.runner._entries}
+    assert len(widths) > 3 and len(rows) > 2 and engine.runner.captured == 0
+
+
+def test_static_decode_base_only_rows_and_scratch_slot_untouched():
+    model = with_adapters()
+    engine = Engine(model, max_batch=3, max_len=48, graphs="static")
+    ps = prompts(3, seed=5)
+    params = SamplingParams(max_new_tokens=6)
+    plain = Engine(model, max_batch=3, max_len=48, graphs="off")
+    assert engine.generate(ps, params) == plain.generate(ps, params)
+    assert engine.pool.slots == 4  # rows + the scratch slot
+
+
+def test_graph_mode_is_checked():
+    model = with_adapters()
+    with pytest.raises(ValueError, match="graphs="):
+        Engine(model, graphs="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            Engine(model, graphs="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replays_equal_eager_static_runs(dtype):
+    model = with_adapters().to("cuda", dtype)
+    ps = prompts(9, seed=6, hi=60)
+    names = [(None, *ADAPTERS)[i % 5] for i in range(9)]
+    params = SamplingParams(max_new_tokens=20)
+    out = {}
+    for mode in ("static", "cuda", "off"):
+        engine = Engine(model, max_batch=8, max_len=96, prefill_chunk=16, graphs=mode)
+        out[mode] = engine.generate(ps, params, names)
+        if mode == "cuda":
+            assert engine.runner.captured > 0
+    assert out["cuda"] == out["static"]  # the same kernels, replayed
+    if dtype == torch.float32:
+        assert out["cuda"] == out["off"]
