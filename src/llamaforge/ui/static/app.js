@@ -373,9 +373,10 @@ function renderChat(view) {
         reply += piece;
         answer.content.textContent = reply;
         log.scrollTop = log.scrollHeight;
-      }, (usage) => {
+      }, (usage, finish) => {
+        const cut = finish === "length" ? ", cut at max tokens" : "";
         answer.node.append(el("div", { class: "usage muted",
-          text: `${usage.completion_tokens} tokens (prompt ${usage.prompt_tokens})` }));
+          text: `${usage.completion_tokens} tokens (prompt ${usage.prompt_tokens})${cut}` }));
       });
       answer.node.dataset.finish = finish || "";
       hist.push({ role: "user", content: text }, { role: "assistant", content: reply });
@@ -428,11 +429,11 @@ async function streamChat(body, signal, onText, onUsage) {
         if (data === "[DONE]") return finish;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new HttpError(0, chunk.error.message);
-        if (chunk.usage) onUsage(chunk.usage);
         for (const c of chunk.choices || []) {
           if (c.delta && c.delta.content) onText(c.delta.content);
           if (c.finish_reason) finish = c.finish_reason;
         }
+        if (chunk.usage) onUsage(chunk.usage, finish);
       }
     }
   }
