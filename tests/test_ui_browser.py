@@ -85,11 +85,15 @@ def page(browser):
     pg = ctx.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    expected = "Failed to load resource"  # the refused requests the tests make on purpose
+    pg.on(
+        "console", lambda m: m.type == "error" and expected not in m.text and errors.append(m.text)
+    )
     pg.on("dialog", lambda d: errors.append(f"dialog: {d.message}") or d.dismiss())
     pg.set_default_timeout(15_000)
     yield pg
     ctx.close()
-    assert errors == []  # no script error, and no injected alert() ever ran
+    assert errors == []  # no script error or CSP refusal, and no injected alert() ran
 
 
 def shot(pg, name: str) -> None:
