@@ -17,7 +17,9 @@ from torch import nn
 from llamaforge.adapters.inject import apply_lora
 from llamaforge.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
 from llamaforge.losses import chunked_causal_lm_loss_fn
+from llamaforge.model.presets import preset
 from llamaforge.train.batches import BatchSource, RankShard
+from llamaforge.train.distributed import meta_model
 from llamaforge.train.loop import make_eval_fn
 from tests.helpers import random_model
 
@@ -39,6 +41,7 @@ class Case:
     checkpoint_every: int | None = None
     resume_from: str | None = None  # a case whose checkpoint-00000002 this run resumes
     evaluate: bool = False  # validation loss at the end (VAL_BATCHES, not a multiple of 2)
+    meta: bool = False  # ranks other than 0 build the model on the meta device
 
     def accum_per_rank(self, world: int) -> int:
         """Micro-batches per rank and step that keep the global batch."""
@@ -49,8 +52,8 @@ CASES: dict[str, Case] = {
     "fsdp2_full": Case(steps=4, checkpoint_every=2),
     "ddp_full": Case(strategy="ddp"),
     "fsdp2_lora": Case(method="lora", evaluate=True),
-    "ddp_lora": Case(strategy="ddp", method="lora"),
-    "fsdp2_qlora": Case(method="qlora"),
+    "ddp_lora": Case(strategy="ddp", method="lora", meta=True),
+    "fsdp2_qlora": Case(method="qlora", meta=True),
     "fsdp2_nan": Case(method="lora", nan_window=1),
     "fsdp2_from_single": Case(steps=4, resume_from="single"),
     "fsdp2_2to3": Case(steps=4, resume_from="fsdp2_full"),
@@ -72,7 +75,10 @@ def examples(n: int = N_EXAMPLES, seed: int = 0) -> list[dict]:
 
 def build_case(case: Case, *, rank: int = 0, world: int = 1) -> tuple[nn.Module, object]:
     """The model (method applied) and the loss of a case, as every process builds them."""
-    model = random_model("tiny-llama2", seed=0).train()
+    if case.meta and rank != 0:  # no weights here: rank 0's arrive when the model is wrapped
+        model = meta_model(preset("tiny-llama2"), torch.device("cpu"), torch.float32).train()
+    else:
+        model = random_model("tiny-llama2", seed=0).train()
     if case.method in ("lora", "qlora"):
         torch.manual_seed(1)
         apply_lora(model, r=4, alpha=8.0, quantize_base=case.method == "qlora", lora_dtype=None)

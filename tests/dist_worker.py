@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_distributed.py: every distributed scenario in one launch.
 
-`python -m torch.distributed.run --nproc-per-node N tests/dist_worker.py OUT SCENARIO...`
+`python -m torch.distributed.run --nproc-per-node N -m tests.dist_worker OUT SCENARIO...`,
+where a scenario `cli=CONFIG` is `llamaforge train CONFIG` in the same process group.
 Each scenario trains a tiny model through the shared loop under FSDP2 or DDP (gloo, CPU) and
 rank 0 writes OUT/<scenario>/result.pt (losses, skipped steps, gathered trainable weights);
 every rank writes OUT/<scenario>/rank<r>.json. The test compares them with one process.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from llamaforge.cli import main as cli
 from llamaforge.config import DistributedConfig
 from llamaforge.train import distributed
 from llamaforge.train.loop import train
@@ -48,7 +50,10 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     out = Path(argv[0])
     for name in argv[1:]:
-        run_case(name, out)
+        if name.startswith("cli="):  # the command line, as `torchrun -m llamaforge train`
+            assert cli(["train", name.removeprefix("cli="), "logging.tensorboard=false"]) == 0
+        else:
+            run_case(name, out)
     torch.distributed.destroy_process_group()
 
 

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
+from llamaforge.cli import main as cli
 from llamaforge.train.batches import FILLER, BatchSource, RankShard
 from llamaforge.train.checkpoint import is_sharded, latest_checkpoint
 from llamaforge.train.loop import train
@@ -33,8 +36,11 @@ from tests.dist_cases import (
     case_source,
     examples,
 )
+from tests.helpers import tiny_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "data"
+CLI_RUNS = [("lora", "auto"), ("full", "ddp")]  # auto: fsdp2 under torchrun
 LAUNCH_2 = [
     "fsdp2_full",
     "ddp_full",
@@ -85,20 +91,44 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     # 4 unbroken steps in one process; its step-2 checkpoint is resumed at 2 processes.
     unbroken, _ = _single("fsdp2_full", out / "single", steps=4, checkpoint_every=2)
-    two, _ = _torchrun(2, out, LAUNCH_2)
+    base = tiny_hf_folder(out / "base")
+    configs = [_cli_config(out, base, m, s, world=2) for m, s in CLI_RUNS]
+    two, _ = _torchrun(2, out, LAUNCH_2 + [f"cli={c}" for c in configs])
     assert two.returncode == 0, two.stdout[-4000:] + two.stderr[-4000:]
     three, seconds = _torchrun(3, out, LAUNCH_3)
     return out, unbroken.losses, three, seconds
+
+
+def _cli_config(out: Path, base: Path, method: str, strategy: str, world: int) -> Path:
+    """A tiny `llamaforge train` config whose global batch is 2 micro-batches of 2."""
+    raw = {
+        "model": str(base),
+        "method": method,
+        "data": {"path": str(FIX / "alpaca.json"), "format": "alpaca", "cache_dir": str(out)},
+        "output_dir": str(out / f"cli-{method}-{strategy}-{world}"),
+        "max_steps": 3,
+        "lora": {"dropout": 0.0},
+        "optim": {"lr": 0.02, "batch_size": 2, "grad_accum": 2 // world},
+        "distributed": {"strategy": strategy if world > 1 else "none"},
+        "eval": {"generate": {"max_examples": 2, "max_new_tokens": 4}},
+    }
+    path = out / f"{method}-{strategy}-{world}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def _result(out: Path, name: str) -> dict:
     return torch.load(out / name / "result.pt", weights_only=True)
 
 
+def _rows(path: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
 def _grad_norms(path: Path) -> list[float]:
     """The global gradient norm (before clipping) of every applied step."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r["grad_norm"] for r in rows if r["kind"] == "train"]
+    return [r["grad_norm"] for r in _rows(path, "train")]
 
 
 def _ranks(out: Path, name: str) -> list[dict]:
@@ -198,3 +228,23 @@ def test_evaluation_shares_pad_with_fillers_only(world):
     assert len({len(s) for s in shares}) == 1  # the same number of forwards on every rank
     real = [b for s in shares for b in s if FILLER not in b]
     assert len(real) == held.batches_per_epoch
+
+
+@pytest.mark.parametrize(("method", "strategy"), CLI_RUNS)
+def test_llamaforge_train_under_torchrun_equals_one_process(runs, method, strategy, capsys):
+    """`llamaforge train` at 2 processes: same losses, and rank 0 writes the usual outputs."""
+    out = runs[0]
+    single = _cli_config(out, out / "base", method, strategy, world=1)
+    assert cli(["train", str(single), "logging.tensorboard=false"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    dirs = [out / f"cli-{method}-{strategy}-{w}" for w in (2, 1)]
+    losses = [[r["loss"] for r in _rows(d / "metrics.jsonl", "train")] for d in dirs]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), **TOL)
+    val = [_rows(d / "metrics.jsonl", "eval")[-1]["val_loss"] for d in dirs]
+    assert val[0] == pytest.approx(val[1], rel=1e-5)
+    name = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    saved = [load_file(d / name) for d in dirs]
+    assert sorted(saved[0]) == sorted(saved[1])
+    for key, w in saved[1].items():
+        torch.testing.assert_close(saved[0][key], w, **WEIGHT_TOL, msg=key)
+    assert json.loads((dirs[0] / "eval.json").read_text())["steps"] == summary["steps"] == 3

@@ -339,10 +339,12 @@ def _config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run a training config; print a JSON summary (metrics before/after) on stdout."""
+    from .train.metrics import is_main_process
     from .train.recipe import run
 
     summary = run(_config(args))
-    print(json.dumps(summary, indent=1))
+    if is_main_process():  # under torchrun, rank 0 speaks for the job
+        print(json.dumps(summary, indent=1))
     return 0
 
 

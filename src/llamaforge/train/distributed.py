@@ -185,14 +185,18 @@ def wrap(
 ) -> LossFn:
     """Shard (fsdp2) or replicate (ddp) `model` in place; returns the loss to train with.
 
-    Call after the method made its parameters trainable (and after activation checkpointing
-    is switched on), before the optimizer is built: FSDP2 replaces the parameters.
+    Call after the method made its parameters trainable, before the optimizer is built
+    (FSDP2 replaces the parameters). Every rank starts from rank 0's weights: the other
+    ranks may hold the model on the meta device (`meta_model`); rank 0's state dict is
+    broadcast once and each rank keeps its shard (`set_model_state_dict`).
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     root = LossModule(model, loss_fn)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:  # every rank starts from rank 0's adapters / weights
-        dist.broadcast(p.data, src=0)
+    full = model.state_dict() if env.main else {}
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     if env.strategy == "ddp":
+        set_model_state_dict(model, full, options=opts)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [env.device.index] if env.device.type == "cuda" else None
@@ -209,13 +213,56 @@ def wrap(
         for block in getattr(model, "layers", []):
             fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
         engine = fully_shard(root, **kw)
+        set_model_state_dict(model, full, options=opts)
     else:
         raise ValueError(f"unknown distributed strategy {env.strategy!r} (fsdp2, ddp)")
+    del full
 
     def distributed_loss(_model: nn.Module, batch: dict[str, Tensor]) -> tuple:
         return engine(batch)
 
     return distributed_loss
+
+
+def meta_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A Llama with no weights (meta device) for the ranks that receive rank 0's.
+
+    Only the RoPE table (a non-persistent buffer no state dict carries) is real.
+    """
+    from ..model.llama import Llama
+
+    with torch.device("meta"):
+        model = Llama(cfg).to(dtype)
+    model.inv_freq = torch.empty(cfg.head_dim // 2, device=device)
+    model.reset_rope()
+    return model
+
+
+def load_for_rank(
+    model_path: str, env: DistEnv | None, *, device: torch.device, dtype: torch.dtype
+) -> tuple:
+    """(model, tokenizer): rank 0 (or a single process) reads the weights; the other ranks
+    of a job build a Hugging Face folder's model on the meta device, so N ranks never hold
+    N copies in host memory. Other sources (.gguf, quantised folders) load on every rank.
+    """
+    from ..data.tokenizer import load_tokenizer
+    from ..io.hf import is_reward_model, read_config
+    from ..io.load import load_model, resolve_model_path
+
+    if env is not None and not env.main:
+        path = resolve_model_path(model_path)
+        plain = path.is_dir() and not (path / "llamaforge_quant.json").is_file()
+        if plain and not is_reward_model(path):
+            model = meta_model(read_config(path), env.device, dtype)
+            return model.eval(), load_tokenizer(path)
+    return load_model(model_path, device=device, dtype=dtype)
+
+
+def share_from_rank0(values: list[Any]) -> list[Any]:
+    """Rank 0's values (e.g. examples it annotated) on every rank, as picklable objects."""
+    if world_size() > 1:
+        dist.broadcast_object_list(values, src=0)
+    return values
 
 
 def gather_trainable(model: nn.Module) -> dict[str, Tensor]:

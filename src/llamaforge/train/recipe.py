@@ -27,16 +27,19 @@ from ..io.hf import save_hf
 from ..io.load import load_model, pick_device
 from ..io.peft import save_peft_adapter
 from ..losses import chunked_causal_lm_loss_fn
-from .batches import BatchSource
-from .loop import make_eval_fn, resolve_precision, train
+from . import distributed
+from .batches import BatchSource, RankShard
+from .loop import make_eval_fn, resolve_precision, seed_everything, train
+from .metrics import is_main_process
 from .stages import STAGES
 
 METHOD_FILE = "llamaforge_method.json"  # beside a saved adapter: how its base was held
 
 
 def log(msg: str) -> None:
-    """Progress messages go to stderr so stdout stays machine-readable."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress messages go to stderr so stdout stays machine-readable (rank 0 only)."""
+    if is_main_process():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def base_dtype(method: str, precision: str, master_dtype: str = "fp32") -> torch.dtype:
@@ -164,35 +167,49 @@ def _cached_json(path: Path, compute) -> Any:
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train per `cfg`, save the result, and report loss and generation metrics."""
     out = Path(cfg.output_dir)
-    save_resolved(cfg, out)
-    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)  # adapters and heads start the same in every run and process
+    env = distributed.init(cfg.distributed, pick_device(cfg.device))  # None: one process
+    device = env.device if env is not None else pick_device(cfg.device)
+    main = env is None or env.main
+    if main:
+        save_resolved(cfg, out)
     precision = resolve_precision(cfg.precision, device)
     dtype = base_dtype(cfg.method, precision, cfg.optim.master_dtype)
-    model, tok = load_model(cfg.model, device=device, dtype=dtype)
+    model, tok = distributed.load_for_rank(cfg.model, env, device=device, dtype=dtype)
     splits = load_data(cfg, tok)
     items = eval_items(cfg, splits)
-    before = _cached_json(
-        out / "eval_before.json",
-        lambda: generation_scores(model, tok, cfg, items, "eval before"),
-    )
+    before = None
+    if main:
+        before = _cached_json(
+            out / "eval_before.json",
+            lambda: generation_scores(model, tok, cfg, items, "eval before"),
+        )
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     stage = STAGES[cfg.stage]
-    if stage.prepare is not None:
-        stage.prepare(model, cfg)
-    apply_method(model, cfg, compute)
-    if getattr(model, "score", None) is not None:
-        model.score.requires_grad_(True)  # a reward head always trains (PEFT: modules_to_save)
-    model.set_kernels(cfg.kernels)
+    prepare_model(model, cfg, compute)
     trainable, total = parameter_counts(model)
     log(f"{cfg.method}: training {trainable:,} of {total:,} parameters on {device} ({precision})")
     pad = tok.pad_id if tok.pad_id is not None else 0
-    if stage.before_train is not None:
-        stage.before_train(model, cfg, splits, pad)
+    if stage.before_train is not None:  # on rank 0, the one holding the starting weights
+        if main:
+            stage.before_train(model, cfg, splits, pad)
+        splits.train, splits.validation = distributed.share_from_rank0(
+            [splits.train, splits.validation]
+        )
     collate_fn = lambda exs: stage.collate(exs, pad)  # noqa: E731
     source = BatchSource(
         splits.train, cfg.optim.batch_size, pad_id=pad, seed=cfg.seed, collate_fn=collate_fn
     )
     loss_fn = stage.loss(cfg)
+    if env is not None:  # each rank its share of the data; the model sharded or replicated
+        source = RankShard(source, env.rank, env.world)
+        loss_fn = distributed.wrap(
+            model,
+            loss_fn,
+            env,
+            precision=precision,
+            reshard_after_forward=cfg.distributed.reshard_after_forward,
+        )
     eval_fn = None
     if splits.validation:
         held = BatchSource(
@@ -202,7 +219,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             shuffle=False,
             collate_fn=collate_fn,
         )
-        eval_fn = make_eval_fn(held, loss_fn, cfg.eval.max_batches, perplexity=stage.lm)
+        limit = cfg.eval.max_batches
+        if env is not None:  # the limit counts global batches
+            held, limit = RankShard(held, env.rank, env.world, eval_limit=limit), None
+        eval_fn = make_eval_fn(held, loss_fn, limit, perplexity=stage.lm)
     result = train(
         model,
         source=source,
@@ -212,6 +232,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         eval_fn=eval_fn,
         count_fn=stage.count,
     )
+    if env is not None:
+        model = _gathered(model, cfg, env, dtype, compute)
+        if model is None:  # the other ranks are done: rank 0 writes the outputs
+            return {"output": None, "steps": result.step, "stop_reason": result.stop_reason}
     saved = save_outputs(model, tok, cfg, out)
     after = generation_scores(model, tok, cfg, items, "eval after")
     summary = {
@@ -227,6 +251,44 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if before and after:
         log(report_line(before, after))
     return {**summary, "sample": (after or {}).get("samples", [None])[0]}
+
+
+def prepare_model(model: nn.Module, cfg: RunConfig, compute: torch.dtype) -> nn.Module:
+    """The stage's additions (a reward head), the method (what trains) and the kernels."""
+    stage = STAGES[cfg.stage]
+    if stage.prepare is not None:
+        stage.prepare(model, cfg)
+    apply_method(model, cfg, compute)
+    if getattr(model, "score", None) is not None:
+        model.score.requires_grad_(True)  # a reward head always trains (PEFT: modules_to_save)
+    model.set_kernels(cfg.kernels)
+    return model
+
+
+def _gathered(
+    model: nn.Module,
+    cfg: RunConfig,
+    env: distributed.DistEnv,
+    dtype: torch.dtype,
+    compute: torch.dtype,
+) -> nn.Module | None:
+    """After a distributed run, the trained model whole on rank 0 (None on the others).
+
+    DDP's replica on rank 0 is it. Under FSDP2 the trained weights are gathered to rank 0,
+    which builds the model as a single process does and loads them (the frozen base comes
+    from the model files again, quantised the same way for QLoRA).
+    """
+    if env.strategy == "ddp":
+        return model if env.main else None
+    weights = distributed.gather_trainable(model)
+    if not env.main:
+        return None
+    plain, _ = load_model(cfg.model, device=env.device, dtype=dtype)
+    prepare_model(plain, cfg, compute)
+    unexpected = plain.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"gathered weights the rebuilt model lacks: {unexpected[:5]}")
+    return plain
 
 
 def merge_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
