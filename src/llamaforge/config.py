@@ -230,6 +230,73 @@ class DpoConfig:
 
 
 @dataclass
+class RsConfig:
+    """Rejection sampling (`stage: rs`): the best of n answers by a reward model, then SFT.
+
+    Each round samples `n` answers for `prompts` training prompts, keeps each prompt's best
+    (only when its reward >= threshold, and >= the mean of its n + min_margin, where set)
+    and fine-tunes the starting model on the kept answers (of every round so far with
+    accumulate). reward_model: the `model/` folder a `stage: rm` run writes.
+    """
+
+    reward_model: str | None = None
+    n: int = _f(4, AT_LEAST_1)
+    rounds: int = _f(1, AT_LEAST_1)
+    prompts: int = _f(64, AT_LEAST_1)  # training prompts sampled per round
+    eval_prompts: int = _f(32, AT_LEAST_1)  # held-out prompts for the greedy reward
+    max_new_tokens: int = _f(64, AT_LEAST_1)
+    temperature: float = _f(1.0, NON_NEGATIVE)
+    top_k: int = _f(0, NON_NEGATIVE)
+    top_p: float = _f(1.0, (lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    threshold: float | None = None
+    min_margin: float | None = None
+    accumulate: bool = True
+    batch_size: int = _f(16, AT_LEAST_1)  # rows the engine samples at once
+
+
+@dataclass
+class PpoConfig:
+    """RLHF with PPO (`stage: ppo`): rollouts, KL penalty to the reference, GAE, clipping.
+
+    Prompts come from `data` (only the prompt side of SFT/preference rows; `text` rows are
+    user messages). reward_model: a `stage: rm` output, its merged `model/` folder or its
+    `adapter/` (a LoRA reward model of the same base becomes a third adapter on it).
+    kl_controller `adaptive` moves kl_coef toward kl_target (summed KL per response) over
+    kl_horizon samples. reward_clip bounds the reward model's score to [-c, c];
+    length_penalty is subtracted per response token; missing_eos_penalty from responses cut
+    at max_new_tokens. Each rollout of rollout_batch_size x samples_per_prompt responses
+    gets `epochs` passes in `mini_batches` optimizer steps each (optim.batch_size is the
+    micro-batch of every forward pass).
+    """
+
+    reward_model: str | None = None
+    rollout_batch_size: int = _f(8, AT_LEAST_1)
+    samples_per_prompt: int = _f(1, AT_LEAST_1)
+    max_new_tokens: int = _f(48, AT_LEAST_1)
+    temperature: float = _f(1.0, POSITIVE)
+    top_p: float = _f(1.0, (lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    stop_on_eot: bool = True
+    kl_coef: float = _f(0.05, NON_NEGATIVE)
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = _f(6.0, POSITIVE)
+    kl_horizon: int = _f(10000, AT_LEAST_1)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    gamma: float = _f(1.0, UNIT)
+    lam: float = _f(0.95, UNIT)
+    clip_ratio: float = _f(0.2, POSITIVE)
+    clip_value: float = _f(0.2, POSITIVE)
+    vf_coef: float = _f(0.1, NON_NEGATIVE)
+    epochs: int = _f(1, AT_LEAST_1)
+    mini_batches: int = _f(1, AT_LEAST_1)
+    reward_clip: float | None = _f(None, POSITIVE)
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    length_penalty: float = 0.0
+    missing_eos_penalty: float | None = _f(None, NON_NEGATIVE)
+    eval_prompts: int = _f(32, NON_NEGATIVE)  # held-out prompts scored before and after
+
+
+@dataclass
 class TrainConfig:
     """What the shared training loop needs (a view of RunConfig, or built directly)."""
 
@@ -255,7 +322,7 @@ class RunConfig:
 
     model: str
     data: DataConfig
-    stage: Literal["pt", "sft", "rm", "dpo"] = "sft"
+    stage: Literal["pt", "sft", "rm", "dpo", "ppo", "rs"] = "sft"
     method: Literal["full", "freeze", "lora", "qlora"] = "lora"
     output_dir: str = field(default_factory=_default_output_dir)
     seed: int = _f(0, NON_NEGATIVE)
@@ -273,6 +340,8 @@ class RunConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    rs: RsConfig = field(default_factory=RsConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -528,14 +597,32 @@ def _run_checks(cfg: RunConfig, origins: _Origins) -> None:
             f"stage {cfg.stage} trains on preference pairs: data.format must be one of "
             f"{', '.join(PAIR_FORMATS)}, got {cfg.data.format!r}",
         )
-    if pairs and cfg.stage not in ("rm", "dpo"):
+    if pairs and cfg.stage not in ("rm", "dpo", "ppo", "rs"):
         raise origins.error(
             "stage", f"data.format {cfg.data.format} holds preference pairs: use stage rm or dpo"
         )
+    if cfg.stage == "ppo":
+        _ppo_checks(cfg.ppo, origins)
     if cfg.dpo.reference == "adapters_off" and cfg.method not in ("lora", "qlora"):
         raise origins.error(
             "dpo.reference",
             "key 'dpo.reference': adapters_off needs method lora or qlora (use precompute)",
+        )
+
+
+def _ppo_checks(p: PpoConfig, origins: _Origins) -> None:
+    """Rules of `stage: ppo`: a reward model, and rollouts that split into mini-batches."""
+    if not p.reward_model:
+        raise origins.error(
+            "ppo.reward_model",
+            "stage ppo needs key 'ppo.reward_model' (a folder written by stage rm)",
+        )
+    n = p.rollout_batch_size * p.samples_per_prompt
+    if n % p.mini_batches:
+        raise origins.error(
+            "ppo.mini_batches",
+            f"key 'ppo.mini_batches': {p.mini_batches} does not divide the {n} samples of a "
+            "rollout (ppo.rollout_batch_size x ppo.samples_per_prompt)",
         )
 
 

@@ -119,7 +119,9 @@ def generation_scores(
     return report
 
 
-def save_outputs(model: nn.Module, tok: Tokenizer, cfg: RunConfig, out: Path) -> Path:
+def save_outputs(
+    model: nn.Module, tok: Tokenizer, cfg: RunConfig, out: Path, adapter_name: str = "default"
+) -> Path:
     """Adapters in PEFT's format (lora/qlora) or a full Hugging Face folder (full/freeze)."""
     if cfg.stage == "rm":  # a HF LlamaForSequenceClassification folder, adapters merged
         from ..adapters.inject import merge_lora
@@ -133,7 +135,9 @@ def save_outputs(model: nn.Module, tok: Tokenizer, cfg: RunConfig, out: Path) ->
         save_tokenizer(tok, path)
         return path
     if cfg.method in ("lora", "qlora"):
-        path = save_peft_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
+        path = save_peft_adapter(
+            model, out / "adapter", adapter_name=adapter_name, base_model_name_or_path=cfg.model
+        )
         method = {"method": cfg.method, **vars(cfg.qlora)} if cfg.method == "qlora" else {}
         (path / METHOD_FILE).write_text(json.dumps(method or {"method": cfg.method}))
         return path
@@ -166,6 +170,10 @@ def _cached_json(path: Path, compute) -> Any:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train per `cfg`, save the result, and report loss and generation metrics."""
+    if cfg.stage == "ppo":  # a rollout/update cycle of its own on the loop's pieces
+        from .ppo import run_ppo
+
+        return run_ppo(cfg)
     out = Path(cfg.output_dir)
     seed_everything(cfg.seed)  # adapters and heads start the same in every run and process
     env = distributed.init(cfg.distributed, pick_device(cfg.device))  # None: one process
