@@ -129,7 +129,7 @@ def test_missing_required_keys(tmp_path):
     [
         ("optim.lr=fast", "key 'optim.lr': expected a number, got 'fast'"),
         ("data.pth=x", "unknown key 'data.pth' (did you mean 'data.path'?)"),
-        ("stage=kto", "key 'stage': expected one of pt, sft, rm, dpo, ppo, got 'kto'"),
+        ("stage=kto", "key 'stage': expected one of pt, sft, rm, dpo, ppo, rs, got 'kto'"),
         ("lora.r=2.5", "key 'lora.r': expected an integer, got 2.5"),
         ("seed=true", "key 'seed': expected an integer, got true"),
         ("logging.plot=maybe", "key 'logging.plot': expected true or false, got 'maybe'"),
