@@ -146,7 +146,7 @@ def test_dashboard_lists_runs_and_draws_their_jsonl_values(site, page):
     sft = page.locator('tr[data-run-id="0/sft-a"]')
     assert sft.locator(".status").text_content() == "finished"
     assert sft.locator(".stage").text_content() == "sft"
-    assert sft.locator(".steps").text_content() == "6 / 6"
+    assert sft.locator(".steps").text_content() == "4 / 4"
     last = series(root / "sft-a", "train", "loss")[-1][1]
     assert float(sft.locator(".loss").text_content()) == pytest.approx(last, rel=1e-4)
     assert "rouge_l" in sft.locator(".evals").text_content()
@@ -329,3 +329,32 @@ def test_a_server_with_a_key_asks_for_it(site, page):
         page.press("#api-key", "Enter")
         page.wait_for_selector('#runs-table tr[data-run-id="0/sft-a"]')
         assert banner.is_hidden()
+
+
+THIN = """() => {
+  const host = document.createElement("div");
+  document.body.append(host);
+  const chart = new window.LineChart(host, { title: "big" });
+  const points = [];
+  for (let i = 0; i < 20000; i++) points.push([i, i === 12345 ? 50 : Math.sin(i / 300)]);
+  points[15000] = [15000, null];  // a gap
+  chart.setSeries([{ label: "y", points }]);
+  const d = host.querySelector("path.series").getAttribute("d");
+  host.remove();
+  return { scale: { ...chart.svg.dataset }, d };
+}"""
+
+
+def test_long_runs_are_thinned_per_pixel_but_keep_spikes_and_gaps(site, page):
+    url, _, _, _ = site
+    page.goto(url + "/")
+    page.wait_for_selector("#runs-table tr[data-run-id]")
+    got = page.evaluate(THIN)
+    s = {k: float(v) for k, v in got["scale"].items()}
+    moves = re.findall(r"([ML])(-?[\d.]+),(-?[\d.]+)", got["d"])
+    assert len(moves) <= 4 * (s["px1"] - s["px0"] + 1) < 20000  # at most 4 per pixel column
+    assert [m[0] for m in moves].count("M") == 2  # the gap splits the line
+    top = min(float(py) for _, _, py in moves)  # the spike is drawn at its height
+    assert s["y0"] + (s["py0"] - top) / (s["py0"] - s["py1"]) * (s["y1"] - s["y0"]) == (
+        pytest.approx(50, abs=0.01)
+    )

@@ -23,7 +23,7 @@ def train_run(root: Path, base: Path, name: str, stage: str, **extra) -> Path:
         "method": "lora",
         "data": {**data, "template": "chatml", "val_size": 0.25, "cache_dir": str(root / ".c")},
         "output_dir": str(root / name),
-        "max_steps": 6,
+        "max_steps": 4,
         "eval": {"every": 2, "generate": {"max_examples": 3, "max_new_tokens": 4}},
         "optim": {"lr": 0.01, "batch_size": 2},
         "logging": {"tensorboard": False, "progress": False, "plot": False},

@@ -48,6 +48,32 @@ function extent(values) {
   return [lo - pad, hi + pad];
 }
 
+const MAX_DRAWN = 2000;  // more points than this are thinned per pixel column
+
+// The points to draw: all when few, else per pixel column the first, lowest, highest and
+// last (spikes stay visible); null values (gaps) are kept. The read-out uses every point.
+function thin(points, sx) {
+  if (points.length <= MAX_DRAWN) return points;
+  const out = [];
+  let col = null, bucket = [];
+  const flush = () => {
+    if (!bucket.length) return;
+    let lo = bucket[0], hi = bucket[0];
+    for (const p of bucket) { if (p[1] < lo[1]) lo = p; if (p[1] > hi[1]) hi = p; }
+    const keep = new Set([bucket[0], lo, hi, bucket[bucket.length - 1]]);
+    out.push(...[...keep].sort((a, b) => a[0] - b[0]));
+    bucket = [];
+  };
+  for (const p of points) {
+    if (p[1] === null || !Number.isFinite(p[1])) { flush(); out.push(p); col = null; continue; }
+    const c = Math.round(sx(p[0]));
+    if (c !== col) { flush(); col = c; }
+    bucket.push(p);
+  }
+  flush();
+  return out;
+}
+
 class LineChart {
   // `container` gets the chart; opts: {title, xLabel}.
   constructor(container, opts) {
@@ -130,7 +156,8 @@ class LineChart {
     for (const s of this.series) {
       let d = "";
       let pen = false;
-      for (const [x, y] of s.points) {
+      const drawn = thin(s.points, sx);
+      for (const [x, y] of drawn) {
         if (y === null || !Number.isFinite(y)) { pen = false; continue; }
         d += `${pen ? "L" : "M"}${sx(x).toFixed(2)},${sy(y).toFixed(2)}`;
         pen = true;
@@ -138,6 +165,7 @@ class LineChart {
       const path = svgEl("path", { class: "series", d, stroke: s.color });
       if (s.dash) path.setAttribute("stroke-dasharray", s.dash);
       path.dataset.label = s.label;
+      path.dataset.points = String(s.points.length);  // drawn: fewer when thinned
       svg.append(path);
       const finite = s.points.filter((p) => p[1] !== null && Number.isFinite(p[1]));
       if (finite.length <= 60) {  // markers where few points would otherwise hide
@@ -238,3 +266,4 @@ class LineChart {
 window.LineChart = LineChart;
 window.formatNumber = formatNumber;
 window.PALETTE = PALETTE;
+window.MAX_DRAWN = MAX_DRAWN;
