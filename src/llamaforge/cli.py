@@ -1,7 +1,7 @@
 """The `llamaforge` command line.
 
 Verbs: train, eval, score, generate, chat, serve, ui, perplexity, convert, merge, export,
-quantize (`llamaforge VERB -h`).
+quantize, self-instruct (`llamaforge VERB -h`).
 """
 
 from __future__ import annotations
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--bits", type=int, choices=[8, 4], required=True)
     qz.add_argument("--adapter", default=None, help="a PEFT adapter folder to merge first")
     from .serve.launch import add_serve_args
+    from .synth.self_instruct import add_args as add_self_instruct_args
+
+    add_self_instruct_args(sub.add_parser("self-instruct", help="grow Alpaca data with a model"))
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters")
     _add_model_args(s)
@@ -297,6 +300,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return ui_command(args)
 
 
+def cmd_self_instruct(args: argparse.Namespace) -> int:
+    """Generate, filter and write Alpaca-format tasks; print the counts as JSON."""
+    from .synth.self_instruct import command
+
+    print(json.dumps(command(args), indent=1))
+    return 0
+
+
 def cmd_perplexity(args: argparse.Namespace) -> int:
     """Print {"tokens", "nll", "perplexity"} for a text file as one JSON line."""
     from .eval.perplexity import perplexity
@@ -456,6 +467,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "serve": cmd_serve,
     "ui": cmd_ui,
+    "self-instruct": cmd_self_instruct,
     "perplexity": cmd_perplexity,
     "convert": cmd_convert,
     "train": cmd_train,

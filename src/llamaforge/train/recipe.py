@@ -170,6 +170,10 @@ def _cached_json(path: Path, compute) -> Any:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train per `cfg`, save the result, and report loss and generation metrics."""
+    if cfg.stage == "rs":  # rounds of sample -> select -> SFT, each SFT through this recipe
+        from .rejection import run_rejection_sampling
+
+        return run_rejection_sampling(cfg)
     if cfg.stage == "ppo":  # a rollout/update cycle of its own on the loop's pieces
         from .ppo import run_ppo
 
