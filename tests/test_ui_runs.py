@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from llamaforge.cli import build_parser, main
 from llamaforge.train.metrics import MetricsLogger
+from llamaforge.ui import runs as runs_mod
 from llamaforge.ui.app import create_ui_app
 from llamaforge.ui.launch import build_ui
 from llamaforge.ui.runs import RunIndex, RunNotFound, Tally, read_from, run_status
@@ -84,7 +85,7 @@ def test_tally_reads_only_new_lines_and_notices_a_rewrite(tmp_path):
     assert run_status([train(1, 1.0)], finished=False) == t3.state(False)
 
 
-def test_index_finds_runs_and_refuses_paths_outside(tmp_path):
+def test_index_finds_runs_and_refuses_paths_outside(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     fake_run(root / "a", [train(1, 2.0)], finished=True)
     fake_run(root / "group" / "b", [train(1, 2.0), train(2, 1.0)])
@@ -102,6 +103,16 @@ def test_index_finds_runs_and_refuses_paths_outside(tmp_path):
         with pytest.raises(RunNotFound):
             index.get(bad)
     assert index.get("0/group/b").path == (root / "group" / "b").resolve()
+    read = runs_mod._read
+
+    def failing(path, *a):
+        if path.parent.name == "a":  # e.g. removed between the listing and the read
+            raise PermissionError(13, "Permission denied", str(path))
+        return read(path, *a)
+
+    monkeypatch.setattr(runs_mod, "_read", failing)
+    runs = {r["id"]: r for r in index.summaries()}  # that run says so, the others still show
+    assert runs["0/a"]["status"] == "unreadable" and runs["0/group/b"]["status"] == "running"
 
 
 def _raw_get(port: int, target: str) -> tuple[int, bytes]:

@@ -156,6 +156,11 @@ class Run:
     rid: str
     path: Path
 
+    @property
+    def name(self) -> str:
+        """The run's path below its root folder (the root's own name for the root itself)."""
+        return self.rid.split("/", 1)[1] if "/" in self.rid else self.path.name
+
     def config(self) -> tuple[dict[str, Any], str]:
         """(parsed config or {}, its text)."""
         text = (self.path / CONFIG_FILE).read_text(encoding="utf-8", errors="replace")
@@ -184,7 +189,7 @@ class Run:
         return clean(
             {
                 "id": self.rid,
-                "name": self.rid.split("/", 1)[1] if "/" in self.rid else self.path.name,
+                "name": self.name,
                 "stage": cfg.get("stage"),
                 "method": cfg.get("method"),
                 "model": cfg.get("model"),
@@ -237,12 +242,20 @@ class RunIndex:
 
     def summaries(self) -> list[dict[str, Any]]:
         """The table: every run's summary, its metrics read on from where the last poll left."""
-        runs = self.find()
+        out = []
         with self._lock:
             old, self._tallies = self._tallies, {}
-            for r in runs:
-                self._tallies[r.path] = old.get(r.path, Tally()).update(r.path / METRICS_FILE)
-            return [r.summary(self._tallies[r.path]) for r in runs]
+            for r in self.find():
+                try:
+                    t = old.get(r.path, Tally()).update(r.path / METRICS_FILE)
+                    out.append(r.summary(t))
+                except OSError as e:  # one unreadable (or vanished) run does not hide the rest
+                    out.append(
+                        {"id": r.rid, "name": r.name, "status": "unreadable", "detail": str(e)}
+                    )
+                    continue
+                self._tallies[r.path] = t
+        return out
 
     def find(self) -> list[Run]:
         """Every run under the roots (symlinks not followed, output folders not entered)."""

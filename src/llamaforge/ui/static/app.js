@@ -99,6 +99,7 @@ function showBanner(err) {
 function fmt(v) { return window.formatNumber(v); }
 
 function ago(seconds) {
+  if (typeof seconds !== "number") return "";
   const d = Math.max(0, Date.now() / 1000 - seconds);
   if (d < 90) return `${Math.round(d)} s ago`;
   if (d < 5400) return `${Math.round(d / 60)} min ago`;
