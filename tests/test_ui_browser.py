@@ -8,6 +8,7 @@ LoRA adapter for the chat. Screenshots go to $LLAMAFORGE_ARTIFACTS (default out/
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -52,6 +53,11 @@ def site(tmp_path_factory):
     logger = MetricsLogger(live, tensorboard=False)
     for step in (1, 2, 3):
         logger.log({"step": step, "kind": "train", "loss": 5.0 - step, "lr": 0.01, "kl": step / 8})
+    big = root / "big-d"  # a long run: 20,000 logged steps
+    big.mkdir()
+    shutil.copy(root / "sft-a" / "config.yaml", big / "config.yaml")
+    rows = ({"step": i, "kind": "train", "loss": 3 + math.sin(i / 500)} for i in range(1, 20001))
+    (big / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["ui", str(root), "--model", str(base), "--adapter", f"topic={adapter}"]
     argv += ["--template", "chatml", "--max-len", "128", "--max-tokens", str(MAX_TOKENS)]
     app, engine, _ = build_ui(build_parser().parse_args(argv))
@@ -142,7 +148,7 @@ def test_dashboard_lists_runs_and_draws_their_jsonl_values(site, page):
     page.wait_for_selector('#runs-table tr[data-run-id="0/sft-a"]')
     rows = page.locator("#runs-table tbody tr[data-run-id]")
     ids = sorted(rows.evaluate_all("rs => rs.map((r) => r.dataset.runId)"))
-    assert ids == sorted(["0/sft-a", "0/dpo-b", "0/live-c", f"0/{HTML_NAME}"])
+    assert ids == sorted(["0/sft-a", "0/dpo-b", "0/live-c", "0/big-d", f"0/{HTML_NAME}"])
     sft = page.locator('tr[data-run-id="0/sft-a"]')
     assert sft.locator(".status").text_content() == "finished"
     assert sft.locator(".stage").text_content() == "sft"
@@ -358,3 +364,23 @@ def test_long_runs_are_thinned_per_pixel_but_keep_spikes_and_gaps(site, page):
     assert s["y0"] + (s["py0"] - top) / (s["py0"] - s["py1"]) * (s["y1"] - s["y0"]) == (
         pytest.approx(50, abs=0.01)
     )
+
+
+def test_a_long_run_loads_once_and_is_drawn_thinned(site, page):
+    url, root, _, _ = site
+    held = []
+
+    def slow_first(route):  # the first read takes 2.5 s: polls fall due meanwhile
+        if not held:
+            held.append(route.request.url)
+            time.sleep(2.5)
+        route.continue_()
+
+    page.route("**/ui/api/metrics/**", slow_first)
+    page.goto(url + "/#/runs/0%2Fbig-d")
+    path = page.locator('.chart-slot[data-chart="Loss"] path.series')
+    path.wait_for()
+    page.wait_for_timeout(1500)  # more polls: nothing was added twice
+    assert path.get_attribute("data-points") == "20000"
+    assert path.get_attribute("d").count("L") < 20000
+    assert page.locator("#runs-title .badge").text_content() == "running"

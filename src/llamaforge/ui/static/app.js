@@ -236,15 +236,22 @@ function renderRuns(view, ids) {
     details.replaceChildren(...got.map((d) => runDetails(d, runs.length === 1)));
   };
 
+  let polling = false;  // one read at a time: two from the same offset would add twice
   const poll = async () => {
+    if (polling) return;
+    polling = true;
     let changed = false;
-    await Promise.all(runs.map(async (run) => {
-      const m = await getJSON(`/ui/api/metrics/${runPath(run.id)}?offset=${run.offset}`);
-      if (m.reset) run.records = [];
-      if (m.reset || m.records.length) changed = true;
-      run.records.push(...m.records);
-      run.offset = m.offset;
-    }));
+    try {
+      await Promise.all(runs.map(async (run) => {
+        const m = await getJSON(`/ui/api/metrics/${runPath(run.id)}?offset=${run.offset}`);
+        if (m.reset) run.records = [];
+        if (m.reset || m.records.length) changed = true;
+        for (const r of m.records) run.records.push(r);  // no spread: runs can be long
+        run.offset = m.offset;
+      }));
+    } finally {
+      polling = false;
+    }
     if (changed) drawCharts();
     view.dataset.records = String(runs.reduce((n, r) => n + r.records.length, 0));
   };
