@@ -327,7 +327,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--dtype", default=None, help="bf16 (CUDA default) or fp32 (CPU default)")
     p.add_argument("--bandwidth-mib", type=int, default=2048)
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile at the largest C and A")
+    p.add_argument("--profile-at", default=None, help="C,A: profile that run instead")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
     if args.tiny:
@@ -374,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for stack, graphs in (("llamaforge", "auto"), ("llamaforge-nographs", "off")):
                 if stack not in stacks:
                     continue
-                prof = args.profile and c == max(conc) and a == max(counts)
+                at = args.profile_at or (f"{max(conc)},{max(counts)}" if args.profile else "")
+                prof = at == f"{c},{a}"
                 row[stack] = run_llamaforge(model, prompts, names, args, prof, graphs)
                 if "profile" in row[stack]:
                     log(row[stack].pop("profile"))
