@@ -424,6 +424,38 @@ def test_generate_loads_the_ppo_actor(tmp_path, base_dir, reward_dir, capsys):
     assert main([*args, "--max-new-tokens", "3"]) == 0
 
 
+def test_prompts_from_a_plain_text_file_and_from_sft_rows(tmp_path, base_dir):
+    from llamaforge.data.templates import render_conversation
+    from llamaforge.data.tokenizer import load_tokenizer
+    from llamaforge.train.ppo import load_prompts
+
+    tok = load_tokenizer(base_dir)
+    lines = ["Say something kind.", "Name a colour.", "Count to three.", "Hello there!"]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    raw = {
+        "model": str(base_dir),
+        "stage": "ppo",
+        "data": {"path": str(path), "format": "text", "template": "chatml", "val_size": 0.25},
+        "ppo": {"reward_model": "x"},
+    }
+    train, held = load_prompts(config_from_dict(raw), tok)
+    assert len(train) == 3 and len(held) == 1
+    user = [[{"role": "user", "content": t}] for t in lines]
+    want = {
+        tuple(render_conversation(tok, u, "chatml", add_generation_prompt=True)[0]) for u in user
+    }
+    assert {tuple(p) for p in train + held} == want
+    raw["data"] = {
+        **_data(tmp_path),
+        "path": str(PAIRS.parent / "messages.jsonl"),
+        "format": "messages",
+    }
+    train, held = load_prompts(config_from_dict(raw), tok)
+    decoded = tok.decode(train[0], skip_special=False)
+    assert decoded.rstrip().endswith("assistant") and train[0] not in held
+
+
 def test_bad_ppo_configs_are_one_line_errors(tmp_path, base_dir, reward_dir, capsys):
     cfg = _ppo_cfg(tmp_path, base_dir, reward_dir / "adapter")
     assert main(["train", str(cfg), "ppo.reward_model=null"]) == 2

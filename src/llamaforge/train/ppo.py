@@ -30,7 +30,8 @@ from tqdm import tqdm
 from ..adapters.inject import add_adapter, parameter_counts, quantize_linears
 from ..adapters.lora import set_adapter
 from ..config import RunConfig, save_resolved
-from ..data.pipeline import build_dataset
+from ..data.formats import to_sample
+from ..data.pipeline import assign_splits, build_dataset, load_rows, resolve_spec
 from ..data.sources import DataError
 from ..data.templates import render_conversation
 from ..data.tokenizer import Tokenizer
@@ -97,13 +98,35 @@ def load_prompts(cfg: RunConfig, tok: Tokenizer) -> tuple[list[list[int]], list[
     """(training prompts, held-out prompts) from the data section; only prompts are kept."""
     if cfg.data.packing:
         raise DataError("data.packing", "true", "stage ppo reads prompts; set data.packing: false")
-    splits = build_dataset(cfg.data, tok)
-    log(splits.report.summary())
-    train = unique_prompts(splits.train)
+    if cfg.data.format == "text":
+        train, held = _text_prompts(cfg, tok)
+    else:
+        splits = build_dataset(cfg.data, tok)
+        log(splits.report.summary())
+        train = unique_prompts(splits.train)
+        held = unique_prompts(splits.test or splits.validation)
     if not train:
         raise DataError("data.path", repr(cfg.data.path), "no prompts in the training split")
-    held = unique_prompts(splits.test or splits.validation)
     return train, held[: cfg.ppo.eval_prompts]
+
+
+def _text_prompts(cfg: RunConfig, tok: Tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """A plain prompt file: each `text` row is one user message, in the chat template."""
+    spec = resolve_spec(cfg.data)
+    rows, _, _ = load_rows(spec)
+    splits = assign_splits(rows, spec.val_size, spec.test_size, spec.split_seed)
+    out: dict[str, list[list[int]]] = {"train": [], "validation": [], "test": []}
+    for row, split in zip(rows, splits, strict=True):
+        text = to_sample(row.data, "text", text_key=spec.text_key).text.strip()
+        if not text:
+            raise DataError(row.where, "empty prompt")
+        msgs = [{"role": "system", "content": spec.system}] if spec.system else []
+        msgs.append({"role": "user", "content": text})
+        ids = render_conversation(tok, msgs, spec.template, add_generation_prompt=True)[0]
+        out[split].append(ids[-spec.max_seq_len :])
+    log(f"data {cfg.data.path} (prompts): train {len(out['train'])}, held out "
+        f"{len(out['test'] or out['validation'])}")  # fmt: skip
+    return out["train"], out["test"] or out["validation"]
 
 
 def prompts_for_step(prompts: Sequence[list[int]], step: int, n: int, seed: int) -> list[list[int]]:
