@@ -69,9 +69,19 @@ def site(tmp_path_factory):
         step()
 
     engine.step = slow_step
+    before = snapshot(tmp)
     with LiveServer(app) as server:
         yield server.url, root, throttle, logger
     logger.close()
+    after = snapshot(tmp)
+    after.pop(str(live / "metrics.jsonl"))  # the only file written: by the test's own logger
+    before.pop(str(live / "metrics.jsonl"))
+    assert after == before  # the page and the chat wrote nothing
+
+
+def snapshot(d: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `d` with its size and modification time."""
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in d.rglob("*") if f.is_file()}
 
 
 @pytest.fixture(scope="module")
