@@ -210,9 +210,9 @@ class Run:
         """Summary, resolved config text and held-out samples before and after."""
         _, text = self.config()
         before, final = self.evals()
-        after = (final or {}).get("samples_after") or {}
+        after = (final or {}).get("samples_after")
         b_samples = (before or {}).get("samples") or []
-        a_samples = after.get("samples") or [] if isinstance(after, dict) else []
+        a_samples = (after.get("samples") if isinstance(after, dict) else None) or []
         rows = []
         for i in range(min(max(len(b_samples), len(a_samples)), MAX_SAMPLES)):
             b = b_samples[i] if i < len(b_samples) else {}
