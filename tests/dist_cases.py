@@ -42,6 +42,8 @@ class Case:
     resume_from: str | None = None  # a case whose checkpoint-00000002 this run resumes
     evaluate: bool = False  # validation loss at the end (VAL_BATCHES, not a multiple of 2)
     meta: bool = False  # ranks other than 0 build the model on the meta device
+    precision: str = "fp32"  # bf16: FSDP2 gathers bf16 weights (its mixed-precision policy)
+    checkpointing: bool = False  # activation checkpointing: blocks recompute in backward
 
     def accum_per_rank(self, world: int) -> int:
         """Micro-batches per rank and step that keep the global batch."""
@@ -52,8 +54,9 @@ CASES: dict[str, Case] = {
     "fsdp2_full": Case(steps=4, checkpoint_every=2),
     "ddp_full": Case(strategy="ddp"),
     "fsdp2_lora": Case(method="lora", evaluate=True),
+    "fsdp2_full_bf16": Case(precision="bf16"),
     "ddp_lora": Case(strategy="ddp", method="lora", meta=True),
-    "fsdp2_qlora": Case(method="qlora", meta=True),
+    "fsdp2_qlora": Case(method="qlora", meta=True, checkpointing=True),
     "fsdp2_nan": Case(method="lora", nan_window=1),
     "fsdp2_from_single": Case(steps=4, resume_from="single"),
     "fsdp2_2to3": Case(steps=4, resume_from="fsdp2_full"),
@@ -121,7 +124,8 @@ def case_cfg(
         resume = str(out / case.resume_from / "checkpoints" / "checkpoint-00000002")
     return TrainConfig(
         max_steps=steps or case.steps,
-        precision="fp32",
+        precision=case.precision,
+        activation_checkpointing=case.checkpointing,
         optim=OptimConfig(lr=1e-2, warmup_steps=1, grad_accum=grad_accum, max_grad_norm=0.5),
         checkpoint=CheckpointConfig(every=case.checkpoint_every, keep=3, resume=resume),
         logging=LoggingConfig(tensorboard=False, plot=False, progress=False),

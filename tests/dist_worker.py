@@ -28,7 +28,7 @@ def run_case(name: str, out: Path) -> None:
     env = distributed.init(DistributedConfig(strategy=case.strategy), torch.device("cpu"))
     assert env is not None
     model, loss_fn = build_case(case, rank=env.rank, world=env.world)
-    wrapped = distributed.wrap(model, loss_fn, env, precision="fp32")
+    wrapped = distributed.wrap(model, loss_fn, env, precision=case.precision)
     nf4 = [p for n, p in model.named_parameters() if n.endswith(".packed")]  # QLoRA codes
     source = case_source(case, env.rank, env.world)
     cfg = case_cfg(case, grad_accum=case.accum_per_rank(env.world), out=out)

@@ -320,7 +320,9 @@ class ShardedTrainState:
     def _options(self) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(ignore_frozen_params=True)
+        # Frozen weights (a LoRA base) are neither saved nor expected back; DCP itself
+        # fails on a trainable one the checkpoint lacks.
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
