@@ -317,6 +317,31 @@ def test_adaptive_controller_in_a_run_and_exact_resume(tmp_path):
         assert [round(a[k], 6) for k in keys] == [round(b[k], 6) for k in keys]
 
 
+def test_a_nan_reward_stops_with_a_message_and_a_usable_checkpoint(tmp_path):
+    from llamaforge.train.checkpoint import load_checkpoint
+    from llamaforge.train.loop import NonFiniteLossError
+    from llamaforge.train.ppo import train_ppo
+
+    run = _fn_run(tmp_path)
+    run.cfg.max_steps = run.total_steps = 4
+    run.cfg.checkpoint.every = 1
+    calls = []
+
+    def reward(batch):
+        calls.append(1)
+        scores = _count_target(batch)
+        return scores / 0 if len(calls) > 4 else scores  # 2 calls a step: NaN/inf from step 3
+
+    run.roles.reward_fn = reward
+    with pytest.raises(NonFiniteLossError, match="checkpoint-00000002") as err:
+        train_ppo(run)
+    assert "reward-model scores are NaN/inf" in str(err.value)
+    good = run.out / "checkpoints" / "checkpoint-00000002"
+    fresh = _fn_run(tmp_path / "fresh")
+    assert load_checkpoint(good, model=fresh.roles.net).step == 2
+    assert all(torch.isfinite(p).all() for p in fresh.roles.net.parameters())
+
+
 # ---------------------------------------------------------------- the CLI end to end
 
 
