@@ -24,6 +24,8 @@ import yaml
 from safetensors.torch import load_file
 
 from llamaforge.cli import main as cli
+from llamaforge.config import ConfigError, DistributedConfig
+from llamaforge.train import distributed
 from llamaforge.train.batches import FILLER, BatchSource, RankShard
 from llamaforge.train.checkpoint import is_sharded, latest_checkpoint
 from llamaforge.train.loop import train
@@ -275,3 +277,19 @@ def test_a_sharded_checkpoint_becomes_the_usual_outputs_in_one_process(runs, tmp
     assert sorted(got) == sorted(want)
     for key, w in want.items():
         assert torch.equal(got[key], w), key
+
+
+def test_fp16_under_fsdp2_is_refused_with_the_key():
+    env = distributed.DistEnv(0, 1, 0, torch.device("cpu"), "fsdp2", None)
+    with pytest.raises(ConfigError, match="key 'precision': fp16"):
+        distributed.wrap(torch.nn.Linear(2, 2), lambda m, b: (m, b), env, precision="fp16")
+
+
+def test_strategy_none_under_a_multi_process_launch_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="distributed.strategy"):
+        distributed.resolve_strategy(DistributedConfig(strategy="none"))
+    assert distributed.resolve_strategy(DistributedConfig()) == "fsdp2"
+    monkeypatch.delenv("RANK")
+    assert distributed.resolve_strategy(DistributedConfig()) == "none"

@@ -192,6 +192,11 @@ def wrap(
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    if precision == "fp16" and env.strategy == "fsdp2":
+        raise ConfigError(
+            "key 'precision': fp16 loss scaling decides overflow per rank while FSDP2 shards "
+            "the gradients; use precision bf16 (or distributed.strategy ddp)"
+        )
     root = LossModule(model, loss_fn)
     full = model.state_dict() if env.main else {}
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
