@@ -8,6 +8,8 @@ world size N must give the losses and weights of one process with grad_accum GLO
 from __future__ import annotations
 
 import math
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ class Case:
     steps: int = 3
     nan_window: int | None = None  # this window's loss is NaN on rank 1 (on the one process)
     crash_at_call: int | None = None  # the last rank raises on this micro-batch call
+    signal_at_call: int | None = None  # rank 0 alone gets SIGINT on this micro-batch call
     checkpoint_every: int | None = None
     resume_from: str | None = None  # a case whose checkpoint-00000002 this run resumes
     evaluate: bool = False  # validation loss at the end (VAL_BATCHES, not a multiple of 2)
@@ -58,6 +61,8 @@ CASES: dict[str, Case] = {
     "ddp_lora": Case(strategy="ddp", method="lora", meta=True),
     "fsdp2_qlora": Case(method="qlora", meta=True, checkpointing=True),
     "fsdp2_nan": Case(method="lora", nan_window=1),
+    "fsdp2_2to2": Case(steps=4, resume_from="fsdp2_full"),
+    "fsdp2_signal": Case(method="lora", steps=4, signal_at_call=GLOBAL_ACCUM // 2 + 1),
     "fsdp2_from_single": Case(steps=4, resume_from="single"),
     "fsdp2_2to3": Case(steps=4, resume_from="fsdp2_full"),
     "fsdp2_crash": Case(steps=4, checkpoint_every=1, crash_at_call=GLOBAL_ACCUM // 3 * 2),
@@ -94,6 +99,8 @@ def build_case(case: Case, *, rank: int = 0, world: int = 1) -> tuple[nn.Module,
         window, calls[0] = calls[0] // accum, calls[0] + 1
         if case.crash_at_call is not None and rank == world - 1 and calls[0] > case.crash_at_call:
             raise RuntimeError(f"rank {rank} fails on purpose at micro-batch {calls[0]}")
+        if case.signal_at_call == calls[0] and rank == 0:  # as Ctrl-C would, on one rank
+            os.kill(os.getpid(), signal.SIGINT)
         part, n = chunked_causal_lm_loss_fn(m, batch)
         if window == case.nan_window and rank == min(1, world - 1):
             part = part * math.nan

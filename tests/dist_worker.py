@@ -39,6 +39,7 @@ def run_case(name: str, out: Path) -> None:
     full = distributed.gather_trainable(model)
     info = {"rank": env.rank, "steps": result.step, "skipped": result.skipped_steps}
     info["eval"] = result.last_eval
+    info["stop_reason"] = result.stop_reason
     info["nf4_local"] = sum(p.to_local().numel() for p in nf4)
     info["nf4_total"] = sum(p.numel() for p in nf4)
     (out / name / f"rank{env.rank}.json").write_text(json.dumps(info))

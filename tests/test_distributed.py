@@ -51,6 +51,8 @@ LAUNCH_2 = [
     "ddp_lora",
     "fsdp2_qlora",
     "fsdp2_nan",
+    "fsdp2_2to2",
+    "fsdp2_signal",
     "fsdp2_from_single",
 ]
 LAUNCH_3 = ["fsdp2_2to3", "fsdp2_crash"]  # the crash case last: that job fails by design
@@ -197,6 +199,22 @@ def test_sharded_checkpoint_at_2_resumes_in_one_process(runs, tmp_path):
     ckpt = out / "fsdp2_full" / "checkpoints" / "checkpoint-00000002"
     assert is_sharded(ckpt)
     _continues_in_one_process(ckpt, tmp_path, unbroken)
+
+
+def test_resume_at_the_same_world_size_gives_identical_losses(runs):
+    out = runs[0]
+    unbroken, resumed = _result(out, "fsdp2_full"), _result(out, "fsdp2_2to2")
+    assert resumed["losses"] == unbroken["losses"][2:]
+
+
+def test_a_signal_on_one_rank_stops_all_at_the_same_step_with_a_checkpoint(runs):
+    out = runs[0]
+    ranks = _ranks(out, "fsdp2_signal")
+    # SIGINT reaches rank 0 during step 2 (its micro-batch call 4 of 3 per step): both
+    # ranks finish that step, agree to stop, and save it together.
+    assert [(r["steps"], r["stop_reason"]) for r in ranks] == [(2, "signal"), (2, "signal")]
+    last = latest_checkpoint(out / "fsdp2_signal" / "checkpoints")
+    assert last is not None and last.name == "checkpoint-00000002" and is_sharded(last)
 
 
 @pytest.mark.parametrize("name", ["fsdp2_from_single", "fsdp2_2to3"])

@@ -114,6 +114,13 @@ def all_reduce_sum(values: Tensor) -> Tensor:
     return values
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank (one small all-reduce; `flag` itself when alone)."""
+    if world_size() == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
+
+
 def barrier() -> None:
     """Wait for every rank (nothing to wait for alone)."""
     if is_distributed():

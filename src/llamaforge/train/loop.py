@@ -40,7 +40,7 @@ from .checkpoint import (
     save_sharded_checkpoint,
     trainable_state,
 )
-from .distributed import all_reduce_sum, is_distributed, world_size
+from .distributed import all_reduce_sum, any_rank, is_distributed, world_size
 from .metrics import MetricsLogger, is_main_process, plot_losses, read_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -725,7 +725,7 @@ def _run(loop: _Loop) -> None:
                         break
                 if loop.due(cfg.checkpoint.every):
                     loop.save()
-            if signals.received is not None:
+            if any_rank(signals.received is not None, loop.device):  # all ranks stop together
                 loop.result.stop_reason = "signal"
                 loop.log({"kind": "event", "event": "signal", "signal": signals.received})
                 loop.save()
