@@ -6,17 +6,16 @@ separator) and the same F-measure arithmetic on the longest common subsequence (
 
 Why it is fast (`RougeIndex.max_score`, one candidate against the whole pool):
 - F = 2·lcs / (m + n) for token counts m, n, and lcs <= min(m, n), so an item can only reach
-  a threshold t when min/max >= t / (2 - t); the pool is kept in buckets by length and only
-  the buckets in that window are scored (for t = 0.7: lengths within a factor 1.86).
-- the LCS of the candidate with every pool item of a bucket is computed at once with the
-  bit-parallel LCS recurrence (one machine word holds 64 candidate positions; numpy runs
-  the recurrence over all items of the bucket, one pool token position per step), instead of
-  one Python dynamic-programming table per pair.
+  a threshold t when min/max >= t / (2 - t): for t = 0.7 only items within a factor 1.86 of
+  the candidate's length are scored at all.
+- the LCS of the candidate with every remaining pool item is computed at once with the
+  bit-parallel LCS recurrence (a machine word holds 64 candidate positions; numpy runs the
+  recurrence over all items together, one pool token position per step) instead of one
+  Python dynamic-programming table per pair; the pool is one growing token-id array.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 
@@ -61,132 +60,88 @@ def rouge_l(target: str, prediction: str) -> float:
     return f_measure(lcs_length(a, b), len(a), len(b))
 
 
-class _Bucket:
-    """Pool items of one length class: token ids (items, width), lengths, pool indices."""
-
-    def __init__(self) -> None:
-        self.ids = np.zeros((0, 1), dtype=np.int64)
-        self.lens = np.zeros(0, dtype=np.int64)
-        self.index = np.zeros(0, dtype=np.int64)
-        self.min_len, self.max_len = 1 << 62, 0
-        self._pending: list[tuple[list[int], int]] = []
-
-    def add(self, ids: list[int], index: int) -> None:
-        self._pending.append((ids, index))
-        self.min_len, self.max_len = min(self.min_len, len(ids)), max(self.max_len, len(ids))
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The bucket as arrays (items added since the last call are appended first)."""
-        if self._pending:
-            width = max(self.ids.shape[1], *(len(i) for i, _ in self._pending))
-            new = np.zeros((len(self._pending), width), dtype=np.int64)  # 0 = padding id
-            for r, (ids, _) in enumerate(self._pending):
-                new[r, : len(ids)] = ids
-            old = np.pad(self.ids, ((0, 0), (0, width - self.ids.shape[1])))
-            self.ids = np.concatenate([old, new])
-            self.lens = np.concatenate([self.lens, [len(i) for i, _ in self._pending]])
-            self.index = np.concatenate([self.index, [k for _, k in self._pending]])
-            self._pending = []
-        return self.ids, self.lens, self.index
-
-    def may_reach(self, m: int, threshold: float) -> bool:
-        """Whether an item of this bucket can have ROUGE-L >= threshold with an m-token text.
-
-        F = 2 lcs / (m + n) <= 2 min(m, n) / (m + n): only lengths near m can reach it.
-        """
-        n = min(max(m, self.min_len), self.max_len)  # the length nearest m
-        return 2 * min(m, n) / (m + n) >= threshold - 1e-12
-
-
-def _bucket_of(n: int) -> int:
-    """Length class of an n-token text (about 12% wide), so a window of lengths is few."""
-    return int(math.log(n) / math.log(1.125) + 1e-9) if n > 0 else -1
-
-
 class RougeIndex:
     """A growing pool of texts; the best ROUGE-L of a new text against all of them."""
 
     def __init__(self, texts: Iterable[str] = ()) -> None:
         self.vocab: dict[str, int] = {}
-        self.buckets: dict[int, _Bucket] = {}
         self.texts: list[str] = []
+        self._ids = np.zeros((64, 16), dtype=np.int64)  # (capacity, width), 0 = padding
+        self._lens = np.zeros(64, dtype=np.int64)
         for t in texts:
             self.add(t)
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def _ids(self, text: str, grow: bool) -> list[int]:
+    def _tokens(self, text: str, grow: bool) -> list[int]:
         out = []
         for t in rouge_tokens(text):
             if t not in self.vocab and grow:
-                self.vocab[t] = len(self.vocab) + 1  # 0 stays the padding id
+                self.vocab[t] = len(self.vocab) + 1
             out.append(self.vocab.get(t, -1))  # -1: a token no pool item has
         return out
 
     def add(self, text: str) -> None:
         """Put a text into the pool."""
-        ids = self._ids(text, grow=True)
-        self.buckets.setdefault(_bucket_of(len(ids)), _Bucket()).add(ids, len(self.texts))
+        ids = self._tokens(text, grow=True)
+        n = len(self.texts)
+        rows, width = self._ids.shape
+        if n == rows or len(ids) > width:  # grow by doubling: amortised O(1) per add
+            grown = np.zeros((rows * 2 if n == rows else rows, max(width, len(ids))), np.int64)
+            grown[:rows, :width] = self._ids
+            self._ids = grown
+            self._lens = np.concatenate([self._lens, np.zeros(len(grown) - rows, np.int64)])
+        self._ids[n, : len(ids)] = ids
+        self._lens[n] = len(ids)
         self.texts.append(text)
 
-    def max_score(
-        self, text: str, threshold: float = 0.0, *, stop_early: bool = False
-    ) -> tuple[float, int | None]:
+    def max_score(self, text: str, threshold: float = 0.0) -> tuple[float, int | None]:
         """(best ROUGE-L, its pool index) of `text` against the pool.
 
         Only items whose length lets them reach `threshold` are scored (threshold 0: all,
         and the maximum is exact); a best score below the threshold is then only a bound.
-        With `stop_early` the search ends at the first bucket holding an item at or above
-        the threshold (nearest lengths first): enough to reject a near-duplicate.
+        F = 2 lcs / (m + n) <= 2 min(m, n) / (m + n), so only lengths near m can reach it.
         """
-        cand = self._ids(text, grow=False)
-        m = len(cand)
-        if m == 0 or not self.texts:
+        cand = self._tokens(text, grow=False)
+        m, n = len(cand), len(self.texts)
+        if m == 0 or n == 0:
             return 0.0, None
-        best, where = 0.0, None
-        home = _bucket_of(m)
-        for key in sorted(self.buckets, key=lambda k: abs(k - home)):
-            bucket = self.buckets[key]
-            if key < 0 or (threshold > 0 and not bucket.may_reach(m, threshold)):
-                continue
-            ids, lens, index = bucket.arrays()
-            f = _f_many(_lcs_many(cand, ids), m, lens)
-            i = int(np.argmax(f))
-            if f[i] > best:
-                best, where = float(f[i]), int(index[i])
-            if stop_early and threshold > 0 and best >= threshold:
-                break
-        return best, where
+        lens = self._lens[:n]
+        reach = (lens > 0) & (2 * np.minimum(lens, m) >= (threshold - 1e-12) * (lens + m))
+        sel = np.flatnonzero(reach)
+        if sel.size == 0:
+            return 0.0, None
+        items = self._ids[sel, : int(lens[sel].max())]
+        f = _f_many(_lcs_many(cand, items, len(self.vocab) + 1), m, lens[sel])
+        i = int(np.argmax(f))
+        return (float(f[i]), int(sel[i])) if f[i] > 0 else (0.0, None)
 
 
-def _lcs_many(cand: list[int], items: np.ndarray) -> np.ndarray:
-    """LCS length of `cand` with each row of `items` (0-padded token ids): (rows,) int."""
+def _lcs_many(cand: list[int], items: np.ndarray, vocab: int) -> np.ndarray:
+    """LCS length of `cand` with each row of `items` (token ids < vocab, 0 = padding)."""
     rows, width = items.shape
     m = len(cand)
     words = (m + _WORD_BITS - 1) // _WORD_BITS
-    # match[token] = bitmask of the candidate positions holding it, one row per word
-    uniq = {t for t in cand if t > 0}
-    lut = {t: np.zeros(words, dtype=np.uint64) for t in uniq}
+    # masks[token, w]: bits of the candidate positions holding the token (word w)
+    masks = np.zeros((vocab, words), dtype=np.uint64)
     for i, t in enumerate(cand):
         if t > 0:
-            lut[t][i // _WORD_BITS] |= np.uint64(1) << np.uint64(i % _WORD_BITS)
-    vocab_ids = np.array(sorted(uniq), dtype=np.int64)
-    table = np.zeros((len(vocab_ids) + 1, words), dtype=np.uint64)  # last row: no match
-    for r, t in enumerate(vocab_ids):
-        table[r] = lut[int(t)]
-    pos = np.searchsorted(vocab_ids, items)
-    pos = np.minimum(pos, max(len(vocab_ids) - 1, 0))
-    hit = (vocab_ids[pos] == items) if len(vocab_ids) else np.zeros_like(items, dtype=bool)
-    rowsel = np.where(hit, pos, len(vocab_ids))  # (rows, width) index into table
+            masks[t, i // _WORD_BITS] |= np.uint64(1) << np.uint64(i % _WORD_BITS)
+    match = masks[items.T]  # (width, rows, words); padding and unseen tokens match nothing
     top = m - (words - 1) * _WORD_BITS
     top_mask = _ONES if top == _WORD_BITS else np.uint64((1 << top) - 1)
     v = np.full((words, rows), _ONES, dtype=np.uint64)
     v[-1] &= top_mask
     with np.errstate(over="ignore"):
+        if words == 1:  # the common case (<= 64 tokens): plain uint64 arithmetic
+            v0, col = v[0], match[:, :, 0]
+            for j in range(width):
+                u = v0 & col[j]
+                v0 = ((v0 + u) | (v0 - u)) & top_mask
+            return m - _popcount(v0)
         for j in range(width):
-            match = table[rowsel[:, j]].T  # (words, rows)
-            u = v & match
+            u = v & match[j].T  # (words, rows)
             carry = np.zeros(rows, dtype=np.uint64)
             for w in range(words):  # (v + u) | (v - u) on a multi-word number
                 s = v[w] + u[w]

@@ -226,7 +226,7 @@ class TaskPool:
             return reason
         if t.key() in self.keys:
             return "exact_duplicate"
-        score, _ = self.index.max_score(t.instruction, self.threshold, stop_early=True)
+        score, _ = self.index.max_score(t.instruction, self.threshold)
         if score >= self.threshold:
             return "near_duplicate"
         return None
