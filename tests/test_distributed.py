@@ -42,7 +42,9 @@ from tests.helpers import tiny_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "data"
-CLI_RUNS = [("lora", "auto"), ("full", "ddp")]  # auto: fsdp2 under torchrun
+# (method, strategy, stage); auto is fsdp2 under torchrun; DPO with full fine-tuning
+# precomputes reference log-probs (on rank 0, shared with the others).
+CLI_RUNS = [("lora", "auto", "sft"), ("full", "ddp", "sft"), ("full", "fsdp2", "dpo")]
 LAUNCH_2 = [
     "fsdp2_full",
     "fsdp2_full_bf16",
@@ -100,27 +102,34 @@ def runs(tmp_path_factory):
     # 4 unbroken steps in one process; its step-2 checkpoint is resumed at 2 processes.
     unbroken, _ = _single("fsdp2_full", out / "single", steps=4, checkpoint_every=2)
     base = tiny_hf_folder(out / "base")
-    configs = [_cli_config(out, base, m, s, world=2) for m, s in CLI_RUNS]
+    configs = [_cli_config(out, base, m, s, 2, stage) for m, s, stage in CLI_RUNS]
     two, _ = _torchrun(2, out, LAUNCH_2 + [f"cli={c}" for c in configs])
     assert two.returncode == 0, two.stdout[-4000:] + two.stderr[-4000:]
     three, seconds = _torchrun(3, out, LAUNCH_3)
     return out, unbroken.losses, three, seconds
 
 
-def _cli_config(out: Path, base: Path, method: str, strategy: str, world: int) -> Path:
+def _cli_config(
+    out: Path, base: Path, method: str, strategy: str, world: int, stage: str = "sft"
+) -> Path:
     """A tiny `llamaforge train` config whose global batch is 2 micro-batches of 2."""
+    data = {"path": str(FIX / "alpaca.json"), "format": "alpaca", "cache_dir": str(out)}
+    if stage == "dpo":
+        data = {"path": str(FIX / "preference.jsonl"), "format": "preference", "val_size": 0.2}
+        data |= {"template": "chatml", "cache_dir": str(out)}
     raw = {
         "model": str(base),
+        "stage": stage,
         "method": method,
-        "data": {"path": str(FIX / "alpaca.json"), "format": "alpaca", "cache_dir": str(out)},
-        "output_dir": str(out / f"cli-{method}-{strategy}-{world}"),
+        "data": data,
+        "output_dir": str(out / f"cli-{stage}-{method}-{strategy}-{world}"),
         "max_steps": 3,
         "lora": {"dropout": 0.0},
         "optim": {"lr": 0.02, "batch_size": 2, "grad_accum": 2 // world},
         "distributed": {"strategy": strategy if world > 1 else "none"},
         "eval": {"generate": {"max_examples": 2, "max_new_tokens": 4}},
     }
-    path = out / f"{method}-{strategy}-{world}.yaml"
+    path = out / f"{stage}-{method}-{strategy}-{world}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -259,14 +268,14 @@ def test_evaluation_shares_pad_with_fillers_only(world):
     assert len(real) == held.batches_per_epoch
 
 
-@pytest.mark.parametrize(("method", "strategy"), CLI_RUNS)
-def test_llamaforge_train_under_torchrun_equals_one_process(runs, method, strategy, capsys):
+@pytest.mark.parametrize(("method", "strategy", "stage"), CLI_RUNS)
+def test_llamaforge_train_under_torchrun_equals_one_process(runs, method, strategy, stage, capsys):
     """`llamaforge train` at 2 processes: same losses, and rank 0 writes the usual outputs."""
     out = runs[0]
-    single = _cli_config(out, out / "base", method, strategy, world=1)
+    single = _cli_config(out, out / "base", method, strategy, 1, stage)
     assert cli(["train", str(single), "logging.tensorboard=false"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    dirs = [out / f"cli-{method}-{strategy}-{w}" for w in (2, 1)]
+    dirs = [out / f"cli-{stage}-{method}-{strategy}-{w}" for w in (2, 1)]
     losses = [[r["loss"] for r in _rows(d / "metrics.jsonl", "train")] for d in dirs]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), **TOL)
     val = [_rows(d / "metrics.jsonl", "eval")[-1]["val_loss"] for d in dirs]
@@ -283,10 +292,10 @@ def test_a_sharded_checkpoint_becomes_the_usual_outputs_in_one_process(runs, tmp
     """Resuming the last sharded checkpoint in one process, with nothing left to train,
     writes the PEFT adapter (or HF folder) the distributed run wrote."""
     out = runs[0]
-    run_dir = out / "cli-lora-auto-2"
+    run_dir = out / "cli-sft-lora-auto-2"
     last = latest_checkpoint(run_dir / "checkpoints")
     assert last is not None and is_sharded(last)
-    single = _cli_config(out, out / "base", "lora", "auto", world=1)
+    single = _cli_config(out, out / "base", "lora", "auto", 1)
     args = [f"checkpoint.resume={last}", f"output_dir={tmp_path}", "logging.tensorboard=false"]
     assert cli(["train", str(single), *args]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 3
