@@ -68,25 +68,6 @@ def test_quantised_folder_loads_as_stored(bits, tok, tmp_path):
     assert btok.encode(TEXTS[0]) == tok.encode(TEXTS[0])
 
 
-def test_nf4_folder_takes_an_adapter(tok, tmp_path):
-    from llamaforge.adapters.inject import apply_lora
-    from llamaforge.io.peft import load_peft_adapter, save_peft_adapter
-
-    model = random_model("tiny-llama2", vocab_size=tok.vocab_size)
-    save_quantized(quantize_model(model, 4), tok, tmp_path / "q4", 4)
-    lora = apply_lora(random_model("tiny-llama2", vocab_size=tok.vocab_size), r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    save_peft_adapter(lora, tmp_path / "adapter")
-    base, _ = load_model(tmp_path / "q4", device="cpu", dtype="float32")
-    ids = tok.encode(TEXTS[1], bos=True)
-    plain = _logits(base, ids)
-    load_peft_adapter(base, tmp_path / "adapter")
-    assert (_logits(base, ids) - plain).abs().max() > 1e-3
-
-
 def test_cli_quantize_then_generate(tok, tmp_path, capsys):
     from llamaforge.cli import main
     from llamaforge.data.tokenizer import save_tokenizer
@@ -140,3 +121,116 @@ def test_benchmark_runs_tiny(tmp_path):
     assert res["int8"]["weight_bytes"] < res["bf16"]["weight_bytes"] < res["fp32"]["weight_bytes"]
     assert res["nf4"]["weight_bytes"] < res["int8"]["weight_bytes"]
     assert all(r["decode_tok_s"] > 0 and r["ppl"] > 1 for r in res.values())
+
+
+# ------------------------------------------------------- adapters over quantised folders
+
+
+@pytest.fixture(scope="module")
+def quantised(tmp_path_factory):
+    """A tiny HF base, a PEFT adapter for it, and the base quantised to int8 and NF4."""
+    from llamaforge.cli import main
+
+    from .serve_helpers import make_adapter, make_base
+
+    d = tmp_path_factory.mktemp("qa")
+    base = make_base(d / "base")
+    make_adapter(d / "adapter", seed=1)
+    for bits in (8, 4):
+        assert main(["quantize", str(base), str(d / f"q{bits}"), "--bits", str(bits)]) == 0
+    return d
+
+
+def _dequantised_with_adapter(folder, adapter):
+    """Reference: the quantised folder's weights dequantised to plain layers, adapter on top."""
+    from llamaforge.adapters.inject import merge_lora
+    from llamaforge.io.peft import load_peft_adapter
+
+    model, tok = load_model(folder, device="cpu", dtype="float32")
+    model = merge_lora(model)  # no adapter yet: every int8 / NF4 layer becomes nn.Linear
+    assert not any(isinstance(m, Int8Linear | NF4Linear) for m in model.modules())
+    load_peft_adapter(model, adapter)
+    return model, tok
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_adapter_over_quantised_folder_equals_dequantised(bits, quantised):
+    from llamaforge.adapters.lora import LoRALinear
+    from llamaforge.io.peft import load_peft_adapter
+
+    folder, adapter = quantised / f"q{bits}", quantised / "adapter"
+    model, tok = load_model(folder, device="cpu", dtype="float32")
+    ids = tok.encode("Hello there, how are you today?")
+    plain = _logits(model, ids)
+    load_peft_adapter(model, adapter)
+    layer = model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and (layer.int8 if bits == 8 else layer.nf4) is not None
+    got = _logits(model, ids)
+    ref, _ = _dequantised_with_adapter(folder, adapter)
+    want = _logits(ref, ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (got - plain).abs().max() > 1e-2 * want.abs().max()  # the adapter does act
+    # bf16 compute over the same codes: within bf16 rounding of the fp32 answer
+    model16, _ = load_model(folder, device="cpu", dtype="bfloat16")
+    load_peft_adapter(model16, adapter)
+    assert (_logits(model16, ids) - want).abs().max() <= 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_generate_chat_serve_take_an_adapter_over_quantised(bits, quantised, capsys, monkeypatch):
+    """`generate` / `chat` / `serve` over a quantised folder with --adapter: the answers of
+    the adapter on the dequantised weights."""
+    from llamaforge.cli import main
+    from llamaforge.data.templates import render_conversation
+    from llamaforge.model.generate import SamplingParams, generate
+    from llamaforge.serve.launch import build
+
+    from .serve_helpers import serve_args
+
+    folder, adapter = quantised / f"q{bits}", quantised / "adapter"
+    ref, tok = _dequantised_with_adapter(folder, adapter)
+    params = SamplingParams(max_new_tokens=6, stop_ids=sorted(tok.stop_ids))
+    texts = ["Hello there", "How are you"]
+    want = generate(ref, [tok.encode(t, bos=tok.add_bos) for t in texts], params)
+    args = ["--adapter", str(adapter), "--max-new-tokens", "6"]
+    assert main(["generate", str(folder), "--prompt", texts[0], "--prompt", texts[1], *args]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["completion"] for x in lines] == [tok.decode(w) for w in want]
+
+    chat = render_conversation(
+        tok, [{"role": "user", "content": "hi"}], "chatml", add_generation_prompt=True
+    )[0]
+    lines_in = iter(["hi", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines_in))
+    assert main(["chat", str(folder), "--template", "chatml", *args]) == 0
+    assert tok.decode(generate(ref, [chat], params)[0]) in capsys.readouterr().out
+
+    _, engine, _ = build(serve_args(folder, "--adapter", f"one={adapter}"))
+    assert engine.generate([chat], params, ["one"]) == generate(ref, [chat], params)
+
+
+def test_merge_over_int8_and_what_it_refuses(quantised, tmp_path):
+    """`merge` of a LoRA adapter onto an int8 folder: the dequantised weights + the delta.
+    QLoRA needs an NF4 base of the original weights: over int8 codes a one-line error."""
+    import shutil
+
+    from llamaforge.adapters.inject import apply_lora
+    from llamaforge.adapters.lora import Int8BaseError
+    from llamaforge.cli import main
+
+    q8, adapter = quantised / "q8", quantised / "adapter"
+    assert main(["merge", str(q8), str(adapter), str(tmp_path / "merged")]) == 0
+    merged, tok = load_model(tmp_path / "merged", device="cpu", dtype="float32")
+    ref, _ = _dequantised_with_adapter(q8, adapter)
+    ids = tok.encode("Hello there, how are you today?")
+    want = _logits(ref, ids)
+    assert (_logits(merged, ids) - want).abs().max() <= 1e-5 * want.abs().max()
+
+    model, _ = load_model(q8, device="cpu", dtype="float32")
+    with pytest.raises(Int8BaseError, match="int8-quantised model .* cannot be re-quantised"):
+        apply_lora(model, r=4, alpha=8, quantize_base=True)
+    qlora = tmp_path / "qlora"
+    shutil.copytree(adapter, qlora)
+    (qlora / "llamaforge_method.json").write_text(json.dumps({"method": "qlora"}))
+    assert main(["merge", str(q8), str(qlora), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()

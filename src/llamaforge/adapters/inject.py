@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .lora import LoRALinear, adapter_names, check_adapters, lora_modules, set_adapter
+from .int8 import Int8Linear
+from .lora import (
+    Int8BaseError,
+    LoRALinear,
+    adapter_names,
+    check_adapters,
+    lora_modules,
+    set_adapter,
+)
 from .nf4 import NF4Linear, plain_linear
+
+FROZEN_LINEAR = nn.Linear | NF4Linear | Int8Linear  # what a LoRALinear wraps
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -31,12 +41,24 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | NF4Linear | LoRALinear)
+def _outside_lora(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without what a LoRALinear holds (its int8 base is a child module)."""
+    inside: str | None = None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = f"{name}." if isinstance(module, LoRALinear) else None
+        yield name, module
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Every linear layer (plain, NF4, int8, or LoRA-wrapped, which counts once) by name."""
+    kinds = FROZEN_LINEAR | LoRALinear
+    return [n for n, m in _outside_lora(model) if isinstance(m, kinds)]
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+    return sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
 
 
 def _num_layers(model: nn.Module) -> int:
@@ -57,6 +79,8 @@ def quantize_linears(
             continue
         if isinstance(module, LoRALinear):
             module.quantize_(blocksize, double_quant, compute_dtype)
+        elif isinstance(module, Int8Linear):
+            raise Int8BaseError("re-quantised to NF4 (QLoRA)")
         elif isinstance(module, nn.Linear):
             q = NF4Linear.from_linear(
                 module, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
@@ -90,7 +114,7 @@ def add_adapter(
             continue
         if keep is not None and layer_index(mname) not in keep:
             continue
-        if isinstance(module, nn.Linear | NF4Linear):
+        if isinstance(module, FROZEN_LINEAR):
             module = LoRALinear(module)
             _set_module(model, mname, module)
         if isinstance(module, LoRALinear):
@@ -202,12 +226,14 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; NF4 weights count as their full size."""
+    """(trainable, total) parameter counts; NF4 / int8 weights count as their full size."""
     params = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in params.values())
     for m in model.modules():  # quantised weights are buffers, not parameters
         if isinstance(m, NF4Linear | LoRALinear) and m.nf4 is not None:
             total += m.nf4.shape.numel()
+        elif isinstance(m, Int8Linear):
+            total += m.qweight.numel()
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     return trainable, total
 
@@ -227,18 +253,18 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
 def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold an adapter (default: each layer's active one) into plain nn.Linear layers.
 
-    NF4 bases, adapted or not, are dequantised first, so the result saves as a plain
+    NF4 and int8 bases, adapted or not, are dequantised first, so the result saves as a plain
     Hugging Face checkpoint. A LoRA on a tied lm_head unties it from the embedding.
     """
     check_adapters(model, [adapter_name])
-    for mname, m in list(model.named_modules()):
+    for mname, m in list(_outside_lora(model)):
         if isinstance(m, LoRALinear):
             name = adapter_name if adapter_name is not None else m.active
             new = m.merge(name) if name in m.lora_A else plain_linear(m.base_weight(), m.bias)
             _set_module(model, mname, new)
             if mname.rsplit(".", 1)[-1] == "lm_head":
                 _untie(model)
-        elif isinstance(m, NF4Linear):
+        elif isinstance(m, NF4Linear | Int8Linear):
             _set_module(model, mname, m.dequantized())
     return model
 

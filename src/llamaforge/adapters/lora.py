@@ -1,10 +1,13 @@
-"""LoRA: low-rank adapters beside a frozen linear layer (plain or NF4), several per layer.
+"""LoRA: low-rank adapters beside a frozen linear layer (plain, NF4 or int8), several per layer.
 
 y = x @ W^T + dropout(x) @ A^T @ B^T * scaling, with A (r, in), B (out, r) zero-initialised
 so a fresh adapter leaves the model unchanged, and scaling = alpha / r (alpha / sqrt(r)
 with rsLoRA). A layer holds any number of named adapters; one is active, or, for batched
 serving, each batch row names its own (or none). `disable_adapters` turns them all off,
-which gives the base model back, e.g. as the DPO/PPO reference.
+which gives the base model back, e.g. as the DPO/PPO reference. Over a quantised base
+(NF4 from QLoRA or `llamaforge quantize --bits 4`, int8 from `--bits 8`) the base forward
+dequantises and the adapters are float32 unless given a dtype; their delta is added in the
+output's dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+from .int8 import Int8Linear
 from .nf4 import NF4Linear, NF4Weight, nf4_linear, plain_linear
 
 
@@ -26,17 +31,23 @@ def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer (`weight` (out, in), or `nf4` when quantised) plus named adapters.
+    """A frozen linear layer (`weight` (out, in), or `nf4` / `int8` when quantised) plus named
+    adapters.
 
     Parameters: `lora_A[name]` (r, in), `lora_B[name]` (out, r). Set `active` to choose the
     adapter, `disabled` to run the base alone, or `set_rows` for one adapter per batch row.
     """
 
-    def __init__(self, base: nn.Linear | NF4Linear) -> None:
+    def __init__(self, base: nn.Linear | NF4Linear | Int8Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.compute_dtype: torch.dtype | None = None
-        if isinstance(base, NF4Linear):
+        self.int8: Int8Linear | None = None
+        if isinstance(base, Int8Linear):  # the layer itself: it dequantises in its forward
+            self.register_parameter("weight", None)
+            self.nf4 = None
+            self.int8 = base
+        elif isinstance(base, NF4Linear):
             self.register_parameter("weight", None)
             self.nf4: NF4Weight | None = base.nf4
             self.compute_dtype = base.compute_dtype
@@ -65,6 +76,8 @@ class LoRALinear(nn.Module):
     @property
     def device(self) -> torch.device:
         """Device of the base weight."""
+        if self.int8 is not None:
+            return self.int8.qweight.device
         return self.weight.device if self.nf4 is None else self.nf4.packed.device
 
     def add_adapter(
@@ -111,6 +124,8 @@ class LoRALinear(nn.Module):
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         """Store the frozen base weight as NF4 from now on (adapters are kept)."""
+        if self.int8 is not None:
+            raise Int8BaseError("re-quantised to NF4 (QLoRA)")
         if self.nf4 is None:
             self.nf4 = NF4Weight.from_float(self.weight.detach(), blocksize, double_quant)
             self.weight = None
@@ -123,6 +138,8 @@ class LoRALinear(nn.Module):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen layer alone: (..., in) -> (..., out)."""
+        if self.int8 is not None:
+            return self.int8(x)
         if self.nf4 is not None:
             return nf4_linear(x, self.nf4, self.bias, self.compute_dtype)
         return F.linear(x, self.weight, self.bias)
@@ -176,7 +193,9 @@ class LoRALinear(nn.Module):
         self._rows, self._batch = None, 0
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The frozen weight (out, in), dequantised if NF4 (default dtype: float32 then)."""
+        """The frozen weight (out, in), dequantised if NF4/int8 (default dtype: float32 then)."""
+        if self.int8 is not None:
+            return self.int8.dequantize(dtype or torch.float32)
         if self.nf4 is not None:
             return self.nf4.dequantize(dtype or self.compute_dtype or torch.float32)
         return self.weight if dtype is None else self.weight.to(dtype)
@@ -202,8 +221,10 @@ class LoRALinear(nn.Module):
         """
         return plain_linear(self.merged_weight(name or self.active), self.bias)
 
-    def unmerged(self) -> nn.Linear | NF4Linear:
+    def unmerged(self) -> nn.Linear | NF4Linear | Int8Linear:
         """The frozen base layer alone, without any adapter."""
+        if self.int8 is not None:
+            return self.int8
         if self.nf4 is not None:
             return NF4Linear(self.nf4, self.bias, self.compute_dtype)
         lin = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
@@ -212,8 +233,18 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.rank[n]})" for n in self.lora_A)
-        quant = ", nf4" if self.nf4 is not None else ""
+        quant = ", nf4" if self.nf4 is not None else ", int8" if self.int8 is not None else ""
         return f"in={self.in_features}, out={self.out_features}{quant}, adapters=[{adapters}]"
+
+
+class Int8BaseError(UserError):
+    """An int8-quantised base asked to do what only a float or NF4 base can."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"an int8-quantised model (llamaforge quantize --bits 8) cannot be {what}: "
+            "use the unquantised model"
+        )
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

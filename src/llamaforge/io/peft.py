@@ -21,9 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapters.inject import layer_index
+from ..adapters.inject import layer_index, linear_module_names
 from ..adapters.lora import LoRALinear, adapter_names, check_adapters, lora_modules, set_adapter
-from ..adapters.nf4 import NF4Linear
 from ..errors import UserError
 from .atomic import write_dir_atomic
 from .hf import hf_to_ours, ours_to_hf
@@ -181,15 +180,10 @@ def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def _linear_modules(model: nn.Module) -> list[str]:
-    kinds = nn.Linear | NF4Linear | LoRALinear
-    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
-
-
 def _target_spec(model: nn.Module, adapted: list[str]) -> tuple[list[str], list[int] | None]:
     """target_modules (+ layers_to_transform) that make PEFT adapt exactly these modules."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in adapted})
-    candidates = [n for n in _linear_modules(model) if n.rsplit(".", 1)[-1] in leaves]
+    candidates = [n for n in linear_module_names(model) if n.rsplit(".", 1)[-1] in leaves]
     if set(candidates) == set(adapted):
         return leaves, None
     layers = {layer_index(n) for n in adapted}
@@ -304,7 +298,7 @@ def _plan(
     wpath: Path,
 ) -> list[_Planned]:
     """Check every tensor against the config and the model before anything is changed."""
-    linears = {hf_module_name(n): n for n in _linear_modules(model)}
+    linears = {hf_module_name(n): n for n in linear_module_names(model)}
     _check_target_list(config, cfg_path, list(linears))
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
