@@ -221,19 +221,26 @@ def test_cli_prints_one_line(small_gguf, tmp_path, capsys):
     assert err.count("\n") == 0 and str(p) in err
 
 
+def _fuzzed(good: bytes, header_end: int, trials: int, seed: int, d):
+    """`trials` files (paths in `d`), each `good` with 1-8 random bytes changed before
+    `header_end`."""
+    rng = random.Random(seed)
+    for trial in range(trials):
+        data = bytearray(good)
+        for _ in range(rng.choice((1, 2, 4, 8))):
+            i = rng.randrange(0, header_end)
+            data[i] = rng.choice((0, 0xFF, rng.randrange(256), data[i] ^ (1 << rng.randrange(8))))
+        p = d / f"fuzz{trial % 5}.gguf"
+        p.write_bytes(bytes(data))
+        yield p
+
+
 def test_fuzzed_headers_fail_cleanly(small_gguf, tmp_path):
     """Random byte changes in the header and metadata: a loaded model or a ConfigError,
     never another exception, a crash or a hang."""
     header_end = small_gguf.index(b"blk.0.") + 2000  # metadata + tensor infos
-    rng = random.Random(0)
     outcomes = {"error": 0, "loaded": 0}
-    for trial in range(150):
-        data = bytearray(small_gguf)
-        for _ in range(rng.choice((1, 2, 4, 8))):
-            i = rng.randrange(0, header_end)
-            data[i] = rng.choice((0, 0xFF, rng.randrange(256), data[i] ^ (1 << rng.randrange(8))))
-        p = tmp_path / f"fuzz{trial % 5}.gguf"
-        p.write_bytes(bytes(data))
+    for p in _fuzzed(small_gguf, header_end, 150, 0, tmp_path):
         try:
             load_model(p, device="cpu", dtype="float32")
             outcomes["loaded"] += 1
@@ -241,3 +248,74 @@ def test_fuzzed_headers_fail_cleanly(small_gguf, tmp_path):
             assert "\n" not in str(e) and str(p) in str(e), str(e)
             outcomes["error"] += 1
     assert outcomes["error"] > 50, outcomes
+
+
+# ---------------------------------------------------------------- tokenizer from a GGUF file
+
+
+def _tokenizer_gguf(path, **kv) -> None:
+    """A GGUF file with only tokenizer metadata (`kv`: name -> value, None to leave out)."""
+    w = GGUFWriter(path, "llama")
+    tokens = kv.pop("tokens", ["<unk>", "<s>", "</s>", "a", "b"])
+    if tokens is not None:
+        w.add_token_list(tokens)
+    for key, value in kv.items():
+        if value is None:
+            continue
+        add = {str: w.add_string, int: w.add_uint32, list: w.add_array}[type(value)]
+        add(f"tokenizer.ggml.{key}", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+
+
+def _tokenizer_error(path) -> str:
+    from llamaforge.data.tokenizer import TokenizerError, load_tokenizer
+    from llamaforge.errors import UserError
+
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(path)
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+def test_load_tokenizer_names_the_bad_gguf_and_why(small_gguf, tmp_path):
+    from llamaforge.data.tokenizer import load_tokenizer
+
+    good = tmp_path / "good.gguf"
+    _tokenizer_gguf(good, model="llama", scores=[0.0] * 5)
+    assert load_tokenizer(good).vocab_size == 5
+    cases = {
+        "not a GGUF file": b"GGML" + small_gguf[4:],
+        "truncated": small_gguf[:20],
+    }
+    for why, data in cases.items():
+        p = tmp_path / f"{why[:3]}.gguf"
+        p.write_bytes(data)
+        assert why in _tokenizer_error(p)
+    metadata = {
+        "unsupported tokenizer.ggml.model 'bert'": {"model": "bert"},
+        "'llama' tokenizer without tokenizer.ggml.scores": {"model": "llama"},
+        "tokenizer.ggml.tokens is missing": {"model": "gpt2", "tokens": None},
+        "bad tokenizer metadata": {"model": "llama", "scores": [0.0, 1.0]},  # 2 scores, 5 tokens
+    }
+    for i, (why, kv) in enumerate(metadata.items()):
+        p = tmp_path / f"meta{i}.gguf"
+        _tokenizer_gguf(p, **kv)
+        assert why in _tokenizer_error(p), why
+
+
+def test_load_tokenizer_fuzzed_headers_fail_cleanly(small_gguf, tmp_path):
+    """Random byte changes in the metadata: a tokenizer or a TokenizerError, nothing else."""
+    from llamaforge.data.tokenizer import TokenizerError, load_tokenizer
+
+    outcomes = {"error": 0, "loaded": 0}
+    for p in _fuzzed(small_gguf, small_gguf.index(b"blk.0."), 100, 1, tmp_path):
+        try:
+            load_tokenizer(p)
+            outcomes["loaded"] += 1
+        except TokenizerError as e:
+            assert "\n" not in str(e) and str(p) in str(e), str(e)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 20, outcomes

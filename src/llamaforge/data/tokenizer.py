@@ -23,6 +23,8 @@ import sentencepiece
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from ..model.config import ConfigError
+
 if TYPE_CHECKING:
     import gguf
 
@@ -571,6 +573,10 @@ def spm_proto_to_hf_backend(model_proto: bytes) -> tokenizers.Tokenizer:
 # ---------------------------------------------------------------- GGUF
 
 
+class TokenizerError(ConfigError):
+    """A tokenizer file llamaforge cannot read; the message names the file and the reason."""
+
+
 def _gguf_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     """A GGUF metadata value as a Python str / number / list, or ``default`` when absent."""
     from gguf import GGUFValueType
@@ -589,15 +595,30 @@ def _gguf_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return part.tolist()[0]
 
 
+def tokenizer_from_gguf(reader: gguf.GGUFReader, where: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a GGUF file; metadata it cannot use is a TokenizerError naming
+    `where` (the file) and what is wrong, on one line."""
+    from ..io.gguf import _why
+
+    try:
+        return tokenizer_from_gguf_fields(reader)
+    except TokenizerError as e:
+        raise TokenizerError(f"{where}: {e}") from None
+    except Exception as e:  # wrong value types in foreign or damaged files
+        raise TokenizerError(f"{where}: bad tokenizer metadata ({_why(e)})") from None
+
+
 def tokenizer_from_gguf_fields(reader: gguf.GGUFReader) -> Tokenizer:
     """Build the tokenizer stored in a GGUF file's ``tokenizer.*`` metadata."""
     kind = _gguf_value(reader, "tokenizer.ggml.model")
+    if _gguf_value(reader, "tokenizer.ggml.tokens") is None:
+        raise TokenizerError("no tokenizer in the file (tokenizer.ggml.tokens is missing)")
     if kind == "gpt2":
         backend = _gguf_byte_level(reader)
     elif kind == "llama":
         backend = _gguf_sentencepiece(reader)
     else:
-        raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
+        raise TokenizerError(f"unsupported tokenizer.ggml.model {kind!r} (supported: gpt2, llama)")
     extra = [_gguf_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
     return HFTokenizer(
         backend,
@@ -635,7 +656,7 @@ def _gguf_sentencepiece(reader: gguf.GGUFReader) -> tokenizers.Tokenizer:
     types = _gguf_value(reader, "tokenizer.ggml.token_type", [NORMAL] * len(tokens))
     scores = _gguf_value(reader, "tokenizer.ggml.scores")
     if scores is None:
-        raise ValueError("GGUF 'llama' tokenizer has no tokenizer.ggml.scores")
+        raise TokenizerError("'llama' tokenizer without tokenizer.ggml.scores")
     return spm_to_hf_backend(
         tokens,
         scores,
@@ -656,9 +677,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not p.is_file():
         raise FileNotFoundError(f"no tokenizer at {p}")
     if p.suffix == ".gguf":
-        import gguf
+        from ..io.gguf import open_gguf
 
-        return tokenizer_from_gguf_fields(gguf.GGUFReader(str(p)))
+        try:
+            reader = open_gguf(p)  # header checks: bad files fail with the file's name
+        except ConfigError as e:
+            raise TokenizerError(str(e)) from None
+        return tokenizer_from_gguf(reader, p)
     if p.suffix == ".json":
         return _load_tokenizer_json(p, _read_hf_config(p.parent))
     return _load_model_file(p, _read_hf_config(p.parent))

@@ -301,13 +301,9 @@ def _unpermute(w: torch.Tensor, n_head: int, name: str, where: str) -> torch.Ten
 def load_gguf(path: str | os.PathLike):
     """(LlamaConfig, float32 state dict, Tokenizer) of a llama GGUF file; bad files raise
     a one-line ConfigError naming the file."""
-    from ..data.tokenizer import tokenizer_from_gguf_fields
+    from ..data.tokenizer import tokenizer_from_gguf
 
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, str(path))
     sd = gguf_state_dict(reader, cfg, str(path))
-    try:
-        tok = tokenizer_from_gguf_fields(reader)
-    except Exception as e:
-        raise ConfigError(f"{path}: bad tokenizer metadata ({_why(e)})") from None
-    return cfg, sd, tok
+    return cfg, sd, tokenizer_from_gguf(reader, path)
