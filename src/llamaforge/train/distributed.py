@@ -233,6 +233,8 @@ def wrap(
     def distributed_loss(_model: nn.Module, batch: dict[str, Tensor]) -> tuple:
         return engine(batch)
 
+    if env.strategy == "ddp":  # the loop accumulates micro-batches without all-reducing
+        distributed_loss.no_sync = engine.no_sync  # type: ignore[attr-defined]
     return distributed_loss
 
 

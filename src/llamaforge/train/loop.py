@@ -170,12 +170,16 @@ def accumulate_gradients(
     loss_sum = torch.zeros((), device=device)
     counted = torch.zeros((), dtype=torch.long, device=device)
     extras: dict[str, Tensor] = {}
-    for batch in window:
-        with autocast():
-            part, n, *more = loss_fn(model, _to_device(batch, device))
-        loss = part / denom * world
-        if loss.requires_grad:
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+    # DDP's wrapped loss carries `no_sync`: gradients all-reduce once, after the last one.
+    no_sync = getattr(loss_fn, "no_sync", None)
+    for i, batch in enumerate(window):
+        quiet = no_sync is not None and i < len(window) - 1
+        with no_sync() if quiet else contextlib.nullcontext():
+            with autocast():
+                part, n, *more = loss_fn(model, _to_device(batch, device))
+            loss = part / denom * world
+            if loss.requires_grad:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += part.detach().float()
         counted += n
         _add_metrics(extras, more, lambda v: v.detach().float())
