@@ -137,15 +137,20 @@ class RewardModel:
 
 
 def sample_answers(
-    model, tok: Tokenizer, prompts: Sequence[list[int]], cfg: RunConfig, *, n: int, seed: int
+    model,
+    tok: Tokenizer,
+    prompts: Sequence[list[int]],
+    cfg: RunConfig,
+    *,
+    n: int,
+    seed: int,
+    greedy: bool = False,
 ) -> list[list[str]]:
-    """n answers per prompt from one engine run (greedy when rs.temperature is 0 or n is 0)."""
+    """n answers per prompt from one engine run (rs sampling settings, or greedy)."""
     from ..model.generate import SamplingParams
     from ..serve.engine import Engine, Request
 
     rs = cfg.rs
-    greedy = n == 0
-    n = max(n, 1)
     max_len = max(map(len, prompts)) + rs.max_new_tokens + 1
     engine = Engine(model, decode=tok.decode, max_batch=rs.batch_size, max_len=max_len)
     bar = tqdm(total=len(prompts) * n, desc="greedy" if greedy else f"sample x{n}", leave=False)
@@ -222,7 +227,7 @@ def load_policy(cfg: RunConfig, output: Path | None, device: torch.device):
 def greedy_reward(model, tok, held: Sequence[Messages], reward: RewardFn, cfg: RunConfig):
     """Mean reward of the policy's greedy answers to the held-out prompts, and the answers."""
     ids = [prompt_ids(tok, p, cfg) for p in held]
-    answers = [a[0] for a in sample_answers(model, tok, ids, cfg, n=0, seed=0)]
+    answers = [a[0] for a in sample_answers(model, tok, ids, cfg, n=1, seed=0, greedy=True)]
     scores = reward(held, answers)
     return {"mean_reward": _mean(scores), "answers": answers, "rewards": scores}
 
