@@ -318,5 +318,8 @@ def test_strategy_none_under_a_multi_process_launch_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match="distributed.strategy"):
         distributed.resolve_strategy(DistributedConfig(strategy="none"))
     assert distributed.resolve_strategy(DistributedConfig()) == "fsdp2"
+    with pytest.raises(ConfigError, match="key 'stage': stage ppo runs in one process"):
+        distributed.require_one_process("stage ppo")
     monkeypatch.delenv("RANK")
     assert distributed.resolve_strategy(DistributedConfig()) == "none"
+    distributed.require_one_process("stage ppo")  # alone: fine

@@ -68,6 +68,16 @@ def resolve_strategy(cfg: DistributedConfig) -> str:
     return cfg.strategy
 
 
+def require_one_process(what: str) -> None:
+    """Refuse a multi-process launch of something that only runs in one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_by_torchrun() and world > 1:
+        raise ConfigError(
+            f"key 'stage': {what} runs in one process, but torchrun started {world}; "
+            "launch it without torchrun"
+        )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

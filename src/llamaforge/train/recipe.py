@@ -170,6 +170,8 @@ def _cached_json(path: Path, compute) -> Any:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train per `cfg`, save the result, and report loss and generation metrics."""
+    if cfg.stage in ("rs", "ppo"):  # generation inside the loop: one process for now
+        distributed.require_one_process(f"stage {cfg.stage}")
     if cfg.stage == "rs":  # rounds of sample -> select -> SFT, each SFT through this recipe
         from .rejection import run_rejection_sampling
 
