@@ -85,6 +85,7 @@ class Stack:
     bf16_masters: bool = False  # full fine-tuning's weights and AdamW states in bf16
     fused_adamw: bool = False  # bf16-master AdamW through its Triton kernel
     offload: bool = False  # checkpointed layer inputs in CPU memory
+    dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
 
 
 STACKS = {
@@ -95,6 +96,8 @@ STACKS = {
     "llamaforge-bf16-fused": Stack(
         "llamaforge, bf16 masters, fused AdamW kernel", bf16_masters=True, fused_adamw=True
     ),
+    "llamaforge-fsdp2": Stack("llamaforge, FSDP2 at world size 1", dist="fsdp2"),
+    "llamaforge-ddp": Stack("llamaforge, DDP at world size 1", dist="ddp"),
     "hf": Stack("transformers + peft", ("transformers", "peft")),
     "hf-liger": Stack("+ Liger kernels", ("transformers", "peft", "liger_kernel"), liger=True),
     "hf-bnb": Stack(
@@ -423,12 +426,23 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     from llamaforge.train.optim import build_optimizer
 
     model, precision, notes = llamaforge_model(spec, stack, dev)
-    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn, reduce = chunked_causal_lm_loss_fn, None
+    if stack.dist:  # the recipe's distributed path, as torchrun --nproc-per-node 1 runs it
+        from llamaforge.config import DistributedConfig
+        from llamaforge.train import distributed
+
+        env = distributed.init(DistributedConfig(strategy=stack.dist), dev)
+        loss_fn = distributed.wrap(model, loss_fn, env, precision=precision)
+        reduce = distributed.all_reduce_sum  # the loop's per-step reduction of loss + count
+        notes += f"; {stack.dist} over {'nccl' if dev.type == 'cuda' else 'gloo'}, 1 rank"
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2's
     opt = build_optimizer(model, OptimConfig(lr=LR[spec.method]))
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         with autocast_context(precision, dev):
-            loss_sum, n = chunked_causal_lm_loss_fn(model, {"input_ids": ids, "labels": ids})
+            loss_sum, n = loss_fn(model, {"input_ids": ids, "labels": ids})
+        if reduce is not None:
+            reduce(torch.stack([loss_sum.detach(), n.to(loss_sum.dtype)]))
         loss = loss_sum / n
         loss.backward()
         optimizer_update(opt, params)
