@@ -220,25 +220,33 @@ def _nll(model, ids: list[int]) -> float:
     return perplexity(model, ids, window=len(ids)).nll
 
 
+def _random_lora(preset: str, tok, out):
+    """A random model with a LoRA adapter whose B is non-zero, saved in PEFT's format."""
+    from llamaforge.adapters.inject import apply_lora
+    from llamaforge.io.peft import save_peft_adapter
+
+    lora = apply_lora(_model(preset, tok), r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_peft_adapter(lora, out)
+    return lora
+
+
 @needs_llamacpp
 def test_export_cli_merges_an_adapter(toks, tmp_path):
     """`llamaforge export --adapter`: llama.cpp's greedy output is the merged model's."""
-    from llamaforge.adapters.inject import apply_lora, merge_lora
+    from llamaforge.adapters.inject import merge_lora
     from llamaforge.cli import main
     from llamaforge.data.tokenizer import save_tokenizer
     from llamaforge.io.hf import save_hf
-    from llamaforge.io.peft import save_peft_adapter
 
     tok = toks["spm"]
     base = _model("tiny-llama2", tok)
     save_hf(base, tmp_path / "base")
     save_tokenizer(tok, tmp_path / "base")
-    lora = apply_lora(_model("tiny-llama2", tok), r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    save_peft_adapter(lora, tmp_path / "adapter")
+    lora = _random_lora("tiny-llama2", tok, tmp_path / "adapter")
     merged = merge_lora(lora)
     out = tmp_path / "merged.gguf"
     argv = ["export", str(tmp_path / "base"), str(out), "--adapter", str(tmp_path / "adapter")]
@@ -332,3 +340,30 @@ def test_smollm2_export_reloads_in_transformers(smol_exports):
     # f16 weights against the fp32 original: rounding-level differences only
     assert (want - got).abs().max() <= 2e-2 * want.abs().max()
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() > 0.97
+
+
+@needs_llamacpp
+def test_demo_benchmark_plumbing_tiny(toks, tmp_path):
+    """benchmarks/export_quant.py --part demo on a tiny model + adapter: the merged export's
+    llama.cpp answers to chat-rendered held-out prompts are llamaforge's, scored alike."""
+    from llamaforge.data.templates import render_conversation
+
+    from .test_benchmarks_smoke import _script
+
+    tok = toks["smollm"]
+    lora = _random_lora("tiny-smollm2", tok, tmp_path / "adapter")
+    chats = [[{"role": "user", "content": t}] for t in TEXTS[:4]]
+    prompts = [render_conversation(tok, c, add_generation_prompt=True)[0] for c in chats]
+    params = SamplingParams(max_new_tokens=8, stop_ids=sorted(tok.stop_ids))
+    answers = [tok.decode(g).strip() for g in generate(lora, prompts, params)]
+    refs = [*answers[:2], "not this", "nor this"]  # exact match 0.5 when the answers agree
+    items = [{"prompt_ids": p, "reference": r} for p, r in zip(prompts, refs, strict=True)]
+    base = _model("tiny-smollm2", tok)
+    res = _script("export_quant").demo_answers(base, tok, tmp_path / "adapter", items, 8, ["f32"])
+    assert res["llamaforge_adapter"]["exact_match"] == 0.5
+    assert res["llamaforge_merged"]["identical_to_llamaforge"] == len(items)
+    f32 = res["llamacpp"]["f32"]
+    assert f32["identical_to_llamaforge"] == len(items) and res["differing"] == []
+    assert {k: f32[k] for k in ("exact_match", "rouge_l")} == res["llamaforge_adapter"]
+    # the adapter changed the answers: what is compared is the fine-tune, not the base
+    assert generate(base, prompts, params) != generate(lora, prompts, params)

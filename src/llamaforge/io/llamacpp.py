@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 TOOLS = Path(__file__).resolve().parents[3] / "tools" / "llamacpp"
+# llama.cpp's worker threads spin while they wait for each other: on 2 cores shared with
+# other work, 2 threads took 65 s for 4 short greedy answers of a tiny model, 1 thread 2 s.
+THREADS = 1
 
 
 def tools_dir() -> Path:
@@ -40,7 +43,7 @@ def run_llamacpp(
     generate: Sequence[dict[str, Any]] = (),
     perplexity: dict[str, Any] | None = None,
     context: int = 512,
-    threads: int = 2,
+    threads: int = THREADS,
     timeout: float = 600,
 ) -> dict[str, Any]:
     """Run check.mjs on a GGUF file; returns its JSON answer (see the script's header)."""
@@ -68,3 +71,27 @@ def run_llamacpp(
         tail = proc.stderr.strip().splitlines()[-5:]
         raise RuntimeError(f"llama.cpp check failed on {model} (exit {proc.returncode}): {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def greedy_ids(
+    model: str | os.PathLike,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int,
+    stop_ids: Sequence[int] = (),
+    threads: int = THREADS,
+    timeout: float = 1800,
+) -> list[list[int]]:
+    """llama.cpp's greedy continuation of each prompt, as llamaforge's `generate` returns it.
+
+    The prompts go in as token ids (no chat wrapper of node-llama-cpp's: llama.cpp sees the
+    caller's tokens exactly) and a row ends at a stop id, which is dropped, or after
+    `max_tokens`. The context is sized to the longest prompt plus `max_tokens`.
+    """
+    if not prompts:
+        return []
+    stops = sorted({int(t) for t in stop_ids})
+    context = max(len(p) for p in prompts) + max_tokens + 1
+    req = [{"ids": list(p), "max_tokens": max_tokens, "stop": stops} for p in prompts]
+    res = run_llamacpp(model, generate=req, context=context, threads=threads, timeout=timeout)
+    return [g[:-1] if g and g[-1] in stops else g for g in res["generate"]]
