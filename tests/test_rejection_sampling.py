@@ -109,6 +109,12 @@ def test_a_round_raises_the_heldout_reward_of_the_function(tmp_path):
     )
     again = run_rejection_sampling(config_from_dict(_cfg(tmp_path)), reward=space_share)
     assert again["rounds"] == result["rounds"]  # a finished run is read back, not redone
+    more = _cfg(tmp_path)
+    more["rs"]["rounds"] = 2  # the same run given one more round adds it, measured again
+    two = run_rejection_sampling(config_from_dict(more), reward=space_share)
+    assert two["rounds"][0] == result["rounds"][0] and two["rounds"][1]["trained_on"] == 48
+    assert two["rounds"][1]["greedy_heldout_before"] == result["greedy_heldout_after"]
+    assert (run / "round2" / "greedy_after.json").is_file()
 
 
 def test_cli_stage_rs_with_a_reward_model_from_stage_rm(tmp_path, capsys):

@@ -14,8 +14,9 @@ samples from the result.
 Logged per round (`rs.jsonl`, `roundK/round.json`): the mean reward of the first sample
 (what plain sampling gives), of the mean and the best of n, how many were kept, and the mean
 reward of the policy's greedy answers to held-out prompts (before the round); `summary.json`
-adds the final policy's. Every stage of a round is cached in its folder, so a stopped run
-started again continues where it was (its SFT resumes from its own checkpoints).
+adds the final policy's (`roundK/greedy_after.json` of the last round). Every stage of a
+round is cached in its folder, so a stopped run started again continues where it was (its
+SFT resumes from its own checkpoints), and one given more rounds adds them.
 """
 
 from __future__ import annotations
@@ -364,8 +365,8 @@ class RejectionSampling:
             _write_jsonl(out / "rs.jsonl", history)
             policy = Path(entry["policy"])
         model, tok = load_policy(cfg, policy, self.device)
-        final = _cached(
-            out / "greedy_after.json",
+        final = _cached(  # beside the last round: a run given more rounds measures again
+            out / f"round{cfg.rs.rounds}" / "greedy_after.json",
             lambda: greedy_reward(model, tok, self.held, self.reward, cfg),
         )
         result = {
