@@ -453,8 +453,10 @@ class PPORun:
         device = roles.policy.device
         self.precision = resolve_precision(cfg.precision, device)
         self.autocast = lambda: autocast_context(self.precision, device)
-        self.total_steps = cfg.max_steps or 1
-        p = cfg.ppo
+        p = cfg.ppo  # without max_steps: `epochs` passes over the training prompts
+        self.total_steps = cfg.max_steps or math.ceil(
+            cfg.epochs * len(prompts) / p.rollout_batch_size
+        )
         n = p.rollout_batch_size * p.samples_per_prompt
         self.mini = n // p.mini_batches
         self.optimizer = build_optimizer(roles.net, cfg.optim)
@@ -653,10 +655,10 @@ def train_ppo(run: PPORun) -> str:
                 record = run.iteration()
                 if run.step % cfg.logging.every == 0 or run.step == run.total_steps:
                     run.logger.log(record)
-                bar.update(1)
                 bar.set_postfix(
                     reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}", refresh=False
                 )
+                bar.update(1)
                 if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
                     run.save()
                 if signals.received is not None:
