@@ -409,7 +409,9 @@ def _ppo_cfg(tmp_path: Path, base: Path, rm: Path, method: str = "lora", **top) 
     return _write(tmp_path, f"ppo-{method}", raw)
 
 
-@pytest.mark.parametrize(("method", "rm_kind"), [("lora", "adapter"), ("full", "model")])
+@pytest.mark.parametrize(
+    ("method", "rm_kind"), [("lora", "adapter"), ("qlora", "adapter"), ("full", "model")]
+)
 def test_stage_ppo_end_to_end_and_resume(tmp_path, base_dir, reward_dir, method, rm_kind, capsys):
     cfg = _ppo_cfg(tmp_path, base_dir, reward_dir / rm_kind, method)
     assert main(["train", str(cfg)]) == 0
@@ -417,7 +419,7 @@ def test_stage_ppo_end_to_end_and_resume(tmp_path, base_dir, reward_dir, method,
     summary = json.loads(captured.out)
     assert "memory by role" in captured.err and "held-out (2 prompts)" in captured.err
     mem = summary["memory_bytes"]
-    if method == "lora":  # one base: reference and reward model add adapters, not copies
+    if method != "full":  # one base: reference and reward model add adapters, not copies
         assert Path(summary["output"]).name == "adapter"
         assert mem["reference"] == 0 and mem["reward"] < mem["base"] / 4
     else:
