@@ -242,7 +242,8 @@ def test_cli_local_model_run_writes_valid_file_and_resumes(tmp_path, capsys):
     argv += ["--seed-tasks", str(_tiny_seeds(tmp_path)), "--batch", "2", "--max-tokens", "24"]
     assert main(argv + ["--max-prompts", "2"]) == 0
     first = json.loads(capsys.readouterr().out)
-    assert json.loads(out.read_text()) == [] or isinstance(json.loads(out.read_text()), list)
+    rows = json.loads(out.read_text())  # a random tiny model writes no usable task, but
+    assert isinstance(rows, list) and len(rows) == first["kept"]  # the file is valid
     assert first["prompts"] == 2 and sum(first["dropped"].values()) >= 2
     assert main(argv + ["--max-prompts", "4"]) == 0  # resumes: two more prompts, not four
     second = json.loads(capsys.readouterr().out)
