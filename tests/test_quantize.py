@@ -207,6 +207,10 @@ def test_generate_chat_serve_take_an_adapter_over_quantised(bits, quantised, cap
 
     _, engine, _ = build(serve_args(folder, "--adapter", f"one={adapter}"))
     assert engine.generate([chat], params, ["one"]) == generate(ref, [chat], params)
+    # serve --quantize: the unquantised base quantised at load time serves the same answers
+    base = quantised / "base"
+    _, engine, _ = build(serve_args(base, "--quantize", str(bits), "--adapter", f"one={adapter}"))
+    assert engine.generate([chat], params, ["one"]) == generate(ref, [chat], params)
 
 
 def test_merge_over_int8_and_what_it_refuses(quantised, tmp_path):

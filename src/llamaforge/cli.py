@@ -104,13 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list, one adapter NAME (or none) per --prompt, in one batched call",
     )
     for q in (g, c):
-        q.add_argument(
-            "--quantize",
-            type=int,
-            choices=[8, 4],
-            default=None,
-            help="quantise the weights at load time: 8 = int8 per channel, 4 = NF4",
-        )
+        add_quantize_arg(q)
     from .io.gguf_write import DEFAULT_TYPE, EXPORT_TYPES
 
     x = sub.add_parser("export", help="write a llama.cpp GGUF file (adapter merged first)")
@@ -138,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    """--quantize 8|4: weight-only quantisation at load time (generate, chat, serve)."""
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=[8, 4],
+        default=None,
+        help="quantise the weights at load time: 8 = int8 per channel, 4 = NF4",
+    )
+
+
+def quantize_loaded(model, args: argparse.Namespace):
+    """The model quantised as --quantize asks (unchanged without it)."""
+    if not getattr(args, "quantize", None):
+        return model
+    from .quantize import quantize_model
+
+    return quantize_model(model, args.quantize)
+
+
 def _sampling(args: argparse.Namespace, tok) -> object:
     from .model.generate import SamplingParams
 
@@ -157,10 +171,7 @@ def _load(args: argparse.Namespace):
     from .io.load import load_model
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    if getattr(args, "quantize", None):
-        from .quantize import quantize_model
-
-        model = quantize_model(model, args.quantize)
+    model = quantize_loaded(model, args)
     adapters = getattr(args, "adapter", None) or []
     if adapters:
         _load_adapters(model, adapters, getattr(args, "use", None))

@@ -31,6 +31,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="POST/DELETE /v1/admin/adapters (needs --api-key and --adapter-root)",
     )
+    from ..cli import add_quantize_arg
+
+    add_quantize_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -97,7 +100,10 @@ def build(args: argparse.Namespace):
     for flag, value in (("--max-batch", args.max_batch), ("--prefill-chunk", args.prefill_chunk)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    from ..cli import quantize_loaded
+
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = quantize_loaded(model, args)
     max_len = args.max_len or min(model.cfg.max_seq_len, 2048)
     max_loras = args.max_loras
     if max_loras is None:
