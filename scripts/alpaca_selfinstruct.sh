@@ -5,14 +5,15 @@
 # after: the held-out part of the generated tasks (eval.json of the run) and human-written
 # question/answer pairs it never saw (the chatterbot-corpus test split of
 # configs/alpaca_lora.yaml). Generation resumes if stopped: run the script again.
-#   NUM=300 bash scripts/alpaca_selfinstruct.sh      (NUM: tasks to keep, default 300)
+#   NUM=300 bash scripts/alpaca_selfinstruct.sh   (NUM: tasks to keep, default 300; DATA, RUN:
+#   the generated file and the run folder; OMP_NUM_THREADS=1 helps on a busy machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 NUM=${NUM:-300}
-DATA=data/self_instruct_smollm2.json
-RUN=runs/alpaca-selfinstruct-lora
+DATA=${DATA:-data/self_instruct_smollm2.json}
+RUN=${RUN:-runs/alpaca-selfinstruct-lora}
 llamaforge self-instruct --model smollm2-135m-instruct --num "$NUM" --out "$DATA" \
   --batch 16 --max-tokens 256 --temperature 0.7 --top-p 0.9 --prompt-tasks 2 \
   --prompt-generated 1 --max-prompts $((NUM * 2 + 16))
