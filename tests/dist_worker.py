@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
             assert cli(["train", name.removeprefix("cli="), "logging.tensorboard=false"]) == 0
         else:
             run_case(name, out)
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
     torch.distributed.destroy_process_group()
 
 
