@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -297,27 +296,8 @@ def child(name: str, spec: tt.Spec, prompt: int) -> dict:
 
 
 def run_child(name: str, spec: tt.Spec, prompt: int, timeout: float) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        name,
-        "--prompt-tokens",
-        str(prompt),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tt.SRC), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run(
-            cmd + ["--spec", json.dumps(asdict(spec))],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    return tt.child_result(proc)
+    script, extra = str(Path(__file__).resolve()), ("--prompt-tokens", str(prompt))
+    return tt.run_child(name, spec, timeout, False, script, extra)
 
 
 def ratios(results: dict[str, dict]) -> dict[str, dict[str, float | None]]:

@@ -661,9 +661,17 @@ def child_main(name: str, spec: Spec) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def run_child(name: str, spec: Spec, timeout: float, verbose: bool) -> dict[str, Any]:
-    """This script in a fresh process for one job; crashes become results with stderr's tail."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name]
+def run_child(
+    name: str,
+    spec: Spec,
+    timeout: float,
+    verbose: bool,
+    script: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A script (default: this one) in a fresh process for one job, `--child NAME --spec JSON`
+    plus `extra` arguments; crashes become results with stderr's tail."""
+    cmd = [sys.executable, script or str(Path(__file__).resolve()), "--child", name, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     try:
