@@ -105,8 +105,7 @@ class DecodeRunner:
     """Decode steps through bucketed static buffers, captured as CUDA graphs if `capture`.
 
     The pool must hold one slot more than the engine's rows (the scratch slot). Graphs are
-    captured on first use of a bucket and kept; `clear` drops them (e.g. when the adapter
-    columns change shape, which also gives a new key).
+    captured on first use of a bucket and kept; a change of adapter columns gives a new key.
     """
 
     def __init__(self, model: Llama, pool: SlotPool, selection: Selection, max_batch: int,
@@ -120,9 +119,6 @@ class DecodeRunner:
         self._entries: dict[tuple[int, int, int], _Entry] = {}
         self._pool_handle = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0  # graphs captured so far (a test and the benchmark read it)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
     def logits(self, tokens: list[int | None], starts: list[int],
                lora_slots: list[int | None]) -> torch.Tensor:  # fmt: skip
