@@ -266,7 +266,9 @@ class PpoConfig:
     length_penalty is subtracted per response token; missing_eos_penalty from responses cut
     at max_new_tokens. Each rollout of rollout_batch_size x samples_per_prompt responses
     gets `epochs` passes in `mini_batches` optimizer steps each (optim.batch_size is the
-    micro-batch of every forward pass).
+    micro-batch of every forward pass). rollout_engine: sample on the serving engine
+    (continuous batching; CUDA-graph decode on a GPU when the actor is a LoRA adapter);
+    false: the plain `model.generate` KV-cache loop.
     """
 
     reward_model: str | None = None
@@ -294,6 +296,7 @@ class PpoConfig:
     length_penalty: float = 0.0
     missing_eos_penalty: float | None = _f(None, NON_NEGATIVE)
     eval_prompts: int = _f(32, NON_NEGATIVE)  # held-out prompts scored before and after
+    rollout_engine: bool = True
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`stage: ppo`: RLHF with PPO and a KL penalty to the reference (InstructGPT step 3).
 
 Each step is one PPO iteration: sample responses to a batch of prompts with the actor
-(the KV-cache path of `model.generate`: batched, per-row stop at end-of-turn), score them
+(the serving engine, `EngineSampler`, or the KV-cache loop of `model.generate`; both batched
+with a per-row stop at end-of-turn), score them
 once (actor and reference log-probs, critic values, reward-model scores), turn scores and
 per-token KL into per-token rewards, GAE advantages and returns, then `ppo.epochs` passes
 of `ppo.mini_batches` optimizer steps of the clipped surrogate + clipped value loss.
@@ -15,6 +16,7 @@ atomic checkpoints with exact resume, and the metrics logger (JSONL, TensorBoard
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -294,6 +296,41 @@ class Rollout:
         )
 
 
+Sampler = Callable[[list[list[int]], SamplingParams], list[list[int]]]
+
+
+class EngineSampler:
+    """Rollouts on the serving engine (`serve.engine.Engine`), built once per run.
+
+    All rows of a rollout run as one continuous batch, each with its own seed (seed of the
+    call mixed with the row index). With LoRA the rows use adapter `actor` through the
+    engine's gathered adapter weights, re-read from the layers before every call (the
+    optimizer changed them), and the decode step is captured as CUDA graphs on a GPU; a fully
+    trained actor is read in place, without graphs (its weights may be fp32 masters cast by
+    autocast, which a captured graph would not see change).
+    """
+
+    def __init__(self, roles: Roles, max_len: int, max_batch: int) -> None:
+        from ..serve.engine import Engine
+
+        self.lora = roles.lora
+        self.engine = Engine(
+            roles.policy, max_batch=max_batch, max_len=max_len,
+            graphs="auto" if roles.lora else "off",
+        )  # fmt: skip
+
+    def __call__(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        if self.lora:
+            self.engine.refresh_adapter("actor")
+        seed = params.seed or 0
+        rows = [
+            dataclasses.replace(params, seed=(seed * 1009 + i) % (1 << 62))
+            for i in range(len(prompts))
+        ]
+        names = ["actor" if self.lora else None] * len(prompts)
+        return self.engine.generate(prompts, rows, names)
+
+
 def _microbatches(n: int, size: int) -> list[list[int]]:
     return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
 
@@ -312,8 +349,9 @@ def make_rollout(
     seed: int,
     pad_id: int,
     autocast: Any,
+    sampler: Sampler | None = None,
 ) -> Rollout:
-    """Generate with the actor and score every sample once (no gradients)."""
+    """Generate with the actor (`sampler`, else `model.generate`) and score every sample once."""
     p = cfg.ppo
     params = SamplingParams(
         max_new_tokens=p.max_new_tokens,
@@ -325,7 +363,9 @@ def make_rollout(
     policy = roles.policy
     t0 = time.perf_counter()
     with roles.adapter("actor"), autocast():
-        outs = generate(policy, prompts, params)
+        outs = sampler(prompts, params) if sampler else generate(policy, prompts, params)
+    if policy.device.type == "cuda":
+        torch.cuda.synchronize()
     gen_s = time.perf_counter() - t0
     ended = [p.stop_on_eot and len(o) < p.max_new_tokens for o in outs]
     responses = [o + eot[:1] if e else o for o, e in zip(outs, ended, strict=True)]
@@ -471,6 +511,19 @@ class PPORun:
         self.ckpt_dir = out / "checkpoints"
         self.logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard)
         self.last_checkpoint: Path | None = None
+        self._sampler: EngineSampler | None = None
+        self.extra_prompts: list[list[int]] = []  # e.g. held-out ones, for the engine's max_len
+
+    def sampler(self) -> Sampler | None:
+        """The engine rollouts run on (built on first use), or None for `model.generate`."""
+        p = self.cfg.ppo
+        if not p.rollout_engine:
+            return None
+        if self._sampler is None:
+            longest = max(map(len, [*self.prompts, *self.extra_prompts]), default=1)
+            rows = p.rollout_batch_size * p.samples_per_prompt
+            self._sampler = EngineSampler(self.roles, longest + p.max_new_tokens + 1, rows)
+        return self._sampler
 
     # -- checkpoints
 
@@ -525,8 +578,9 @@ class PPORun:
         prompts = [q for q in prompts for _ in range(p.samples_per_prompt)]
         self.roles.net.eval()  # no dropout anywhere: ratios start at exactly 1
         ro = make_rollout(
-            self.roles, prompts, cfg, self.eot, seed=seed, pad_id=self.pad, autocast=self.autocast
-        )
+            self.roles, prompts, cfg, self.eot, seed=seed, pad_id=self.pad,
+            autocast=self.autocast, sampler=self.sampler(),
+        )  # fmt: skip
         for name, t in (("reward-model scores", ro.scores), ("policy log-probs", ro.logp)):
             if not torch.isfinite(t).all():
                 raise NonFiniteLossError(self._nan_message(f"{name} are NaN/inf"))
@@ -622,7 +676,7 @@ def evaluate_policy(
     run.roles.net.eval()
     ro = make_rollout(
         run.roles, prompts, run.cfg, run.eot, seed=run.cfg.seed + 12345, pad_id=run.pad,
-        autocast=run.autocast,
+        autocast=run.autocast, sampler=run.sampler(),
     )  # fmt: skip
     seq_kl = (kl_penalty(ro.logp, ro.ref_logp, "k1") * ro.mask).sum(1)
     decode = run.decode
@@ -693,6 +747,7 @@ def run_ppo(cfg: RunConfig) -> dict[str, Any]:
     pad = tok.pad_id if tok.pad_id is not None else 0
     eot = end_of_turn(tok, cfg.data.template)
     run = PPORun(cfg, roles, prompts, out, pad_id=pad, eot=eot, decode=tok.decode)
+    run.extra_prompts = held
     before = (
         _cached_json(out / "eval_before.json", lambda: evaluate_policy(run, held, "eval before"))
         or {}
