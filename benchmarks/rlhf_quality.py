@@ -252,7 +252,7 @@ def main() -> None:
     print("reward models", json.dumps({k: result[k] for k in ("rm1", "rm2")}), flush=True)
     save()
     from llamaforge.io.load import load_model
-    from llamaforge.io.peft import load_peft_adapter
+    from llamaforge.train.recipe import merge_adapter
 
     rm1, rm2 = str(work / "rm1/model"), str(work / "rm2/model")
     judges = Judges(a, rm1, rm2, dev)
@@ -262,8 +262,8 @@ def main() -> None:
 
     def policy(adapter: str | None):
         model, tok = load_model(a.model, device=dev, dtype=dtype)
-        if adapter:
-            load_peft_adapter(model, adapter)
+        if adapter:  # merged: the engine serves unnamed requests with the base alone
+            model = merge_adapter(model, Path(adapter))
         return model, tok
 
     model, tok = policy(None)
