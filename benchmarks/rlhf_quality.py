@@ -159,24 +159,20 @@ def greedy(policy, tok, prompts, judges: Judges) -> dict:
             "tokens": [len(tok.encode(x)) for x in answers]}  # fmt: skip
 
 
+def win_rate(ours: list[float], theirs: list[float]) -> float:
+    """Fraction of prompts where `ours` scores higher (ties count half)."""
+    wins = sum(1.0 if o > t else 0.5 if o == t else 0.0 for o, t in zip(ours, theirs, strict=True))
+    return wins / len(ours)
+
+
 def compare(base: dict, other: dict) -> dict:
-    """Mean rewards, and the win rate of `other` over `base` by RM2 (ties half)."""
-    n = len(base["rm2"])
-    wins = sum(
-        1.0 if o > b else 0.5 if o == b else 0.0
-        for o, b in zip(other["rm2"], base["rm2"], strict=True)
-    )
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    """Mean rewards, and the win rate of `other` over `base` by RM2 (and by RM1)."""
     return {
-        "rm1_mean": mean(other["rm1"]),
-        "rm2_mean": mean(other["rm2"]),
-        "rm2_win_rate_vs_sft": wins / n,
-        "rm1_win_rate_vs_sft": sum(
-            1.0 if o > b else 0.5 if o == b else 0.0
-            for o, b in zip(other["rm1"], base["rm1"], strict=True)
-        )
-        / n,
-        "mean_tokens": mean(other["tokens"]),
+        "rm1_mean": sum(other["rm1"]) / len(other["rm1"]),
+        "rm2_mean": sum(other["rm2"]) / len(other["rm2"]),
+        "rm2_win_rate_vs_sft": win_rate(other["rm2"], base["rm2"]),
+        "rm1_win_rate_vs_sft": win_rate(other["rm1"], base["rm1"]),
+        "mean_tokens": sum(other["tokens"]) / len(other["tokens"]),
         "example": other["answers"][:3],
     }
 

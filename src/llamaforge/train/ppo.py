@@ -364,8 +364,6 @@ def make_rollout(
     t0 = time.perf_counter()
     with roles.adapter("actor"), autocast():
         outs = sampler(prompts, params) if sampler else generate(policy, prompts, params)
-    if policy.device.type == "cuda":
-        torch.cuda.synchronize()
     gen_s = time.perf_counter() - t0
     ended = [p.stop_on_eot and len(o) < p.max_new_tokens for o in outs]
     responses = [o + eot[:1] if e else o for o, e in zip(outs, ended, strict=True)]
@@ -487,8 +485,10 @@ class PPORun:
         pad_id: int,
         eot: list[int],
         decode: Callable[[list[int]], str],
+        held: Sequence[list[int]] = (),
     ) -> None:
         self.cfg, self.roles, self.prompts, self.out = cfg, roles, prompts, out
+        self.held = held  # held-out prompts: the engine's max_len covers them too
         self.pad, self.eot, self.decode = pad_id, eot, decode
         device = roles.policy.device
         self.precision = resolve_precision(cfg.precision, device)
@@ -512,7 +512,6 @@ class PPORun:
         self.logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard)
         self.last_checkpoint: Path | None = None
         self._sampler: EngineSampler | None = None
-        self.extra_prompts: list[list[int]] = []  # e.g. held-out ones, for the engine's max_len
 
     def sampler(self) -> Sampler | None:
         """The engine rollouts run on (built on first use), or None for `model.generate`."""
@@ -520,7 +519,7 @@ class PPORun:
         if not p.rollout_engine:
             return None
         if self._sampler is None:
-            longest = max(map(len, [*self.prompts, *self.extra_prompts]), default=1)
+            longest = max(map(len, [*self.prompts, *self.held]), default=1)
             rows = p.rollout_batch_size * p.samples_per_prompt
             self._sampler = EngineSampler(self.roles, longest + p.max_new_tokens + 1, rows)
         return self._sampler
@@ -746,8 +745,7 @@ def run_ppo(cfg: RunConfig) -> dict[str, Any]:
     )
     pad = tok.pad_id if tok.pad_id is not None else 0
     eot = end_of_turn(tok, cfg.data.template)
-    run = PPORun(cfg, roles, prompts, out, pad_id=pad, eot=eot, decode=tok.decode)
-    run.extra_prompts = held
+    run = PPORun(cfg, roles, prompts, out, pad_id=pad, eot=eot, decode=tok.decode, held=held)
     before = (
         _cached_json(out / "eval_before.json", lambda: evaluate_policy(run, held, "eval before"))
         or {}
