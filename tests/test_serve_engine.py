@@ -11,6 +11,7 @@ from llamaforge.adapters import add_adapter, lora_modules, row_adapters, set_ada
 from llamaforge.io.peft import AdapterError, save_peft_adapter
 from llamaforge.model.generate import SamplingParams, _run, generate
 from llamaforge.serve import CANCELLED, LENGTH, STOP, Engine, EngineBusy, Request, UnknownAdapter
+from llamaforge.serve.engine import OFFLINE_PREFILL_BUDGET
 from llamaforge.serve.kv import RowBatch, SlotPool
 from tests.helpers import TINY, random_model
 
@@ -80,6 +81,26 @@ def test_greedy_is_batch_invariant_over_adapters_fp32():
     # and each equals the old one-adapter-at-a-time path (module state switched per call)
     assert alone == [solo_reference(model, p, params, n) for p, n in zip(ps, names, strict=True)]
     assert len({tuple(o) for o in alone}) > 8  # the adapters really change the outputs
+
+
+def test_offline_budget_prefills_the_whole_batch_at_once():
+    """With OFFLINE_PREFILL_BUDGET every prompt reads its next chunk in each step: a batch of
+    prompts of <= 2 chunks is prefilled in 2 steps (not one prompt per step), same tokens."""
+    model = with_adapters()
+    ps = prompts(16, seed=2, lo=17, hi=32)  # 2 chunks of 16 each
+    names = [(None, *ADAPTERS)[i % 5] for i in range(16)]
+    params = SamplingParams(max_new_tokens=6)
+    ref = Engine(model, max_batch=16, max_len=64, prefill_chunk=16).generate(ps, params, names)
+    engine = Engine(
+        model, max_batch=16, max_len=64, prefill_chunk=16, prefill_budget=OFFLINE_PREFILL_BUDGET
+    )
+    reqs = [engine.submit(Request(p, params, n)) for p, n in zip(ps, names, strict=True)]
+    engine.step()
+    assert all(r.cached == 16 for r in reqs)  # every prompt read its first chunk
+    engine.step()
+    assert not any(r.reading_prompt for r in reqs) and all(r.output for r in reqs)
+    engine.wait(reqs)
+    assert [r.output for r in reqs] == ref
 
 
 def test_staggered_arrivals_join_the_running_batch():

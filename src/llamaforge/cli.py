@@ -199,10 +199,13 @@ def _load_adapters(model, specs: list[str], use: str | None) -> None:
 
 def _engine(model, tok, prompts: list[list[int]], params):
     """An engine sized for these prompts; it serves the model's loaded adapters."""
-    from .serve.engine import Engine
+    from .serve.engine import OFFLINE_PREFILL_BUDGET, Engine
 
     max_len = max(len(p) for p in prompts) + params.max_new_tokens + 1
-    return Engine(model, decode=tok.decode, max_batch=len(prompts), max_len=max_len)
+    return Engine(
+        model, decode=tok.decode, max_batch=len(prompts), max_len=max_len,
+        prefill_budget=OFFLINE_PREFILL_BUDGET,
+    )  # fmt: skip
 
 
 def _active_adapter(model) -> str | None:

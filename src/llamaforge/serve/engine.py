@@ -51,6 +51,10 @@ _ids = itertools.count()
 # buffers eagerly (how the CPU tests check that path), "off" the plain per-step path;
 # "auto" is "cuda" on a GPU, else "off"
 GRAPH_MODES = ("auto", "cuda", "static", "off")
+# prefill budget (tokens per forward) for offline callers (generate, rollouts, sampling):
+# nobody waits for a running row's next token, so a whole batch of prompts prefills in one
+# forward instead of one prompt per step (which costs a forward's launches per prompt)
+OFFLINE_PREFILL_BUDGET = 16384
 
 
 class EngineBusy(RuntimeError):

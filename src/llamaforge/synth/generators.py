@@ -90,7 +90,7 @@ class LocalGenerator:
     def complete(self, prompts: Sequence[str], params: GenParams) -> list[Completion]:
         """Sample every prompt in one continuous batch (KV cache, per-row seeds)."""
         from ..model.generate import SamplingParams
-        from ..serve.engine import LENGTH, Engine, Request
+        from ..serve.engine import LENGTH, OFFLINE_PREFILL_BUDGET, Engine, Request
 
         ids = [self.encode(p) for p in prompts]
         max_len = min(max(map(len, ids)) + params.max_tokens + 1, self.model.cfg.max_seq_len)
@@ -101,6 +101,7 @@ class LocalGenerator:
             decode=self.tok.decode,
             max_batch=min(self.max_batch, len(ids)),
             max_len=max_len,
+            prefill_budget=OFFLINE_PREFILL_BUDGET,
         )
         reqs = []
         for i, p in enumerate(ids):

@@ -311,12 +311,12 @@ class EngineSampler:
     """
 
     def __init__(self, roles: Roles, max_len: int, max_batch: int) -> None:
-        from ..serve.engine import Engine
+        from ..serve.engine import OFFLINE_PREFILL_BUDGET, Engine
 
         self.lora = roles.lora
         self.engine = Engine(
             roles.policy, max_batch=max_batch, max_len=max_len,
-            graphs="auto" if roles.lora else "off",
+            graphs="auto" if roles.lora else "off", prefill_budget=OFFLINE_PREFILL_BUDGET,
         )  # fmt: skip
 
     def __call__(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

@@ -149,11 +149,14 @@ def sample_answers(
 ) -> list[list[str]]:
     """n answers per prompt from one engine run (rs sampling settings, or greedy)."""
     from ..model.generate import SamplingParams
-    from ..serve.engine import Engine, Request
+    from ..serve.engine import OFFLINE_PREFILL_BUDGET, Engine, Request
 
     rs = cfg.rs
     max_len = max(map(len, prompts)) + rs.max_new_tokens + 1
-    engine = Engine(model, decode=tok.decode, max_batch=rs.batch_size, max_len=max_len)
+    engine = Engine(
+        model, decode=tok.decode, max_batch=rs.batch_size, max_len=max_len,
+        prefill_budget=OFFLINE_PREFILL_BUDGET,
+    )  # fmt: skip
     bar = tqdm(total=len(prompts) * n, desc="greedy" if greedy else f"sample x{n}", leave=False)
     reqs = []
     for i, p in enumerate(prompts):
