@@ -129,3 +129,49 @@ def test_model_with_kernels_equals_references_on_cuda(packed):
     for k in g2:
         err = (g1[k] - g2[k]).norm() / g2[k].norm().clamp(min=1e-12)
         assert err < 3e-2, (k, float(err))
+
+
+def test_varlen_attention_casts_to_the_autocast_dtype(monkeypatch):
+    """Under autocast (fp32 masters) RoPE hands fp32 q/k and bf16 v to the flash op, which
+    takes 16-bit inputs only: all three reach it in the autocast dtype."""
+    import llamaforge.kernels.attention as attn
+
+    seen = []
+
+    def fake(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return q
+
+    monkeypatch.setattr(attn, "_varlen", lambda: (fake, {"is_causal": True}, True))
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    v = torch.randn(1, 2, 6, 8).bfloat16()
+    seg = Segments.from_doc_ids(DOCS[:1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn.varlen_attention(q, k, v, seg.cu_seqlens, seg.max_len)
+    attn.varlen_attention(q.bfloat16(), k.bfloat16(), v, seg.cu_seqlens, seg.max_len)
+    assert seen == [(torch.bfloat16,) * 3] * 2
+
+
+def test_packed_rows_in_fp32_without_autocast_take_the_dense_mask():
+    from llamaforge.model.llama import _half_precision
+
+    cpu = torch.device("cpu")
+    assert not _half_precision(torch.float32, cpu)
+    assert _half_precision(torch.bfloat16, cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _half_precision(torch.float32, cpu)
+
+
+@pytest.mark.skipif(not varlen_available(), reason="flash varlen attention needs CUDA")
+def test_fp32_masters_under_autocast_train_on_packed_rows():
+    """The full fine-tuning default on a GPU (fp32 weights, bf16 autocast, packing) runs the
+    varlen path and matches the dense document mask."""
+    model = random_model("tiny-llama3").cuda()
+    ids = torch.randint(0, 64, DOCS.shape, device="cuda")
+    docs = DOCS.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = model(ids, doc_ids=docs)
+        model.kernels.varlen_attention = False
+        want = model(ids, doc_ids=docs)
+    real = docs >= 0
+    torch.testing.assert_close(got[real].float(), want[real].float(), atol=5e-2, rtol=5e-2)

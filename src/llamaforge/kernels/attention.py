@@ -49,6 +49,13 @@ def varlen_attention(
     if found is None:
         raise RuntimeError("torch.nn.attention.varlen.varlen_attn is not available")
     fn, causal, takes_gqa = found
+    # flash kernels take only 16-bit inputs. Under autocast (fp32 master weights) q and k
+    # come out of RoPE in fp32 (its cos/sin tables are in the weights' dtype) while v is
+    # bf16: autocast does not reach this custom op, so cast to its dtype here, as SDPA would.
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        q, k, v = (x.to(low) for x in (q, k, v))
     b, h, t, d = q.shape
     n_kv = k.shape[1]
     gqa: dict[str, Any] = {}

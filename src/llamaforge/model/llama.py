@@ -101,6 +101,11 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def _half_precision(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a forward in weights of `dtype` computes in 16 bits (flash varlen needs it)."""
+    return dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(device.type)
+
+
 @dataclass(frozen=True)
 class Segments:
     """Packed rows as variable-length sequences: cu_seqlens (N+1,) int32 over all B*T tokens.
@@ -324,7 +329,8 @@ class Llama(nn.Module):
         if (
             cache is None
             and use_kernel(self.kernels.varlen_attention, doc_ids)
-            and (varlen_available())
+            and varlen_available()
+            and _half_precision(self.embed_tokens.weight.dtype, doc_ids.device)
         ):
             return Segments.from_doc_ids(doc_ids)
         return document_causal_mask(doc_ids)
