@@ -40,6 +40,7 @@ BETAS: Check = (
     lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
     "must be two numbers in [0, 1)",
 )
+BUDGET: Check = (lambda v: v == "auto" or v > 0, "must be a number of GB > 0 or auto")
 DEVICE: Check = (
     lambda v: re.fullmatch(r"cpu|mps|cuda(:\d+)?", v) is not None,
     "must be cpu, cuda, cuda:N or mps",
@@ -337,6 +338,9 @@ class RunConfig:
     activation_offload: bool = False
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
+    # GB the run may use (or auto: the GPU's free memory); the recipe then measures the
+    # run and chooses which blocks are checkpointed or offloaded (train/memory_plan.py)
+    memory_budget_gb: float | Literal["auto"] | None = _f(None, BUDGET)
     kernels: Kernels = field(default_factory=Kernels)  # fused GPU kernels, each opt-out
     lora: LoraConfig = field(default_factory=LoraConfig)
     qlora: QloraConfig = field(default_factory=QloraConfig)
@@ -520,11 +524,12 @@ def _coerce(value: Any, tp: Any, key: str, origins: _Origins) -> Any:
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        try:
-            return _coerce(value, inner[0], key, origins)
-        except ConfigError:
-            raise bad from None
+        for alt in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, alt, key, origins)
+            except ConfigError:
+                continue
+        raise bad
     if origin is Literal:
         if value in args and not isinstance(value, bool):
             return value
@@ -591,6 +596,25 @@ def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
 
 def _run_checks(cfg: RunConfig, origins: _Origins) -> None:
     """Rules of a whole run: data splits, and stages with the data they need."""
+    if cfg.memory_budget_gb is not None:
+        for key in ("activation_checkpointing", "activation_offload"):
+            if getattr(cfg, key):
+                raise origins.error(
+                    key,
+                    f"key '{key}' and key 'memory_budget_gb' both set: the budget chooses the "
+                    "checkpointed and offloaded blocks itself; drop one of them",
+                )
+        if cfg.stage in ("ppo", "rs"):
+            raise origins.error(
+                "memory_budget_gb",
+                f"key 'memory_budget_gb': stages pt, sft, rm and dpo only (not {cfg.stage})",
+            )
+        if cfg.distributed.strategy in ("fsdp2", "ddp"):
+            raise origins.error(
+                "memory_budget_gb",
+                "key 'memory_budget_gb': one process only for now (the plan does not model "
+                f"{cfg.distributed.strategy}'s sharding)",
+            )
     if cfg.data.val_size + cfg.data.test_size >= 1:
         raise origins.error("data.test_size", "keys 'data.val_size' + 'data.test_size' must be < 1")
     pairs = cfg.data.format in PAIR_FORMATS

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ..adapters.inject import apply_freeze, apply_lora, parameter_counts
-from ..config import RunConfig, save_resolved
+from ..config import RunConfig, TrainConfig, save_resolved
 from ..data.pipeline import DatasetSplits, build_dataset
 from ..data.sources import DataError
 from ..data.tokenizer import Tokenizer, save_tokenizer
+from ..errors import UserError
 from ..eval.generation import evaluate_generation
 from ..io.hf import save_hf
 from ..io.load import load_model, pick_device
@@ -29,9 +30,10 @@ from ..io.peft import save_peft_adapter
 from ..losses import chunked_causal_lm_loss_fn
 from . import distributed
 from .batches import BatchSource, RankShard
-from .loop import make_eval_fn, resolve_precision, seed_everything, train
+from .loop import autocast_context, make_eval_fn, resolve_precision, seed_everything, train
+from .memory_plan import plan_memory
 from .metrics import is_main_process
-from .stages import STAGES
+from .stages import STAGES, Stage
 
 METHOD_FILE = "llamaforge_method.json"  # beside a saved adapter: how its base was held
 
@@ -168,6 +170,40 @@ def _cached_json(path: Path, compute) -> Any:
     return value
 
 
+def planned_train_config(
+    model: nn.Module, cfg: RunConfig, stage: Stage, precision: str, out: Path | None
+) -> TrainConfig:
+    """The loop's settings; with `memory_budget_gb`, the activation plan that fits it."""
+    tcfg = cfg.train_config()
+    if cfg.memory_budget_gb is None:
+        return tcfg
+    if distributed.world_size() > 1:
+        raise UserError("key 'memory_budget_gb': one process only for now (torchrun found)")
+    device = model.device
+    plan = plan_memory(
+        model,
+        cfg.memory_budget_gb,
+        rows=cfg.optim.batch_size * stage.rows,
+        tokens=cfg.data.max_seq_len,
+        autocast=lambda: autocast_context(precision, device),
+    )
+    if plan is None:
+        log(f"memory plan: memory_budget_gb auto on {device} (free memory unknown): no plan")
+        return tcfg
+    log(plan.describe())
+    if out is not None:
+        plan.save(out / "memory_plan.json")
+    every = plan.checkpointed == plan.n_layers
+    return replace(
+        tcfg,
+        activation_checkpointing=plan.checkpointed > 0,
+        activation_checkpointing_layers=None
+        if every or not plan.checkpointed
+        else plan.checkpointed,
+        activation_offload=plan.offload,
+    )
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train per `cfg`, save the result, and report loss and generation metrics."""
     if cfg.stage in ("rs", "ppo"):  # generation inside the loop: one process for now
@@ -241,7 +277,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         model,
         source=source,
         loss_fn=loss_fn,
-        cfg=cfg.train_config(),
+        cfg=planned_train_config(model, cfg, stage, precision, out if main else None),
         out_dir=out,
         eval_fn=eval_fn,
         count_fn=stage.count,

@@ -51,6 +51,7 @@ class Stage:
     lm: bool = True  # per-token LM loss: perplexity and generation metrics make sense
     prepare: Callable[[nn.Module, RunConfig], None] | None = None  # before the method
     before_train: Callable[[nn.Module, RunConfig, Any, int], None] | None = None
+    rows: int = 1  # sequences per example in a batch (pairs: chosen and rejected)
 
 
 def _lm_loss(_cfg: RunConfig) -> LossFn:
@@ -203,8 +204,14 @@ def _dpo_before_train(model: nn.Module, cfg: RunConfig, splits: Any, pad_id: int
 STAGES: dict[str, Stage] = {
     "pt": Stage("pt", collate, count_label_tokens, _lm_loss),
     "sft": Stage("sft", collate, count_label_tokens, _lm_loss),
-    "rm": Stage("rm", collate_pairs, count_pairs, _rm_loss, lm=False, prepare=_reward_head),
+    "rm": Stage("rm", collate_pairs, count_pairs, _rm_loss, lm=False, prepare=_reward_head, rows=2),
     "dpo": Stage(
-        "dpo", collate_pairs, count_pairs, _dpo_loss, lm=False, before_train=_dpo_before_train
+        "dpo",
+        collate_pairs,
+        count_pairs,
+        _dpo_loss,
+        lm=False,
+        before_train=_dpo_before_train,
+        rows=2,
     ),
 }

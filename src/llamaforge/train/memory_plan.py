@@ -1,0 +1,175 @@
+"""Memory decides the activation plan: which blocks keep their activations, which recompute.
+
+With `memory_budget_gb: N` (or `auto`: the device's free memory plus what this process
+already holds) the recipe measures, before training, what the run costs at its real shape
+and picks the fastest plan that fits:
+
+- fixed: every parameter and buffer, plus a gradient and two AdamW states per trainable
+  parameter (in the parameter's dtype, as `build_optimizer`'s optimizers keep them);
+- per block, measured by running block 0 once at the planned (rows, tokens) shape under the
+  run's autocast and adding up the bytes of every distinct tensor autograd saves for the
+  backward (parameters excluded: they are counted in fixed). That is what a block keeps
+  without checkpointing; with checkpointing it keeps only its input (rows x tokens x dim);
+- a checkpointed block is recomputed in the backward, so one block's full activations come
+  back at a time on top of the rest.
+
+Blocks are checkpointed from the first one on (the model's `checkpoint_layers`), as few as
+the budget allows: keeping activations is faster (no recompute), so the plan that fits with
+the fewest checkpointed blocks is the fastest one of this family. When even checkpointing
+every block does not fit, the checkpointed inputs go to CPU memory (`activation_offload`);
+when that does not fit either, the run stops before it starts with the numbers. A margin
+(`HEADROOM`) is left for the allocator, the loss head and transient buffers; the plan is
+an estimate, printed and written to `memory_plan.json` so that it can be checked against the
+measured peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+GB = 1024**3
+HEADROOM = 0.1  # fraction of the budget kept free for the allocator and transient buffers
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen plan and the numbers it came from (bytes)."""
+
+    budget: int
+    fixed: int
+    block_keep: int  # one block's saved activations, not checkpointed
+    block_checkpointed: int  # one block's saved input, checkpointed
+    n_layers: int
+    checkpointed: int  # blocks 0..checkpointed-1 recompute in the backward
+    offload: bool  # their saved inputs live in CPU memory
+    estimate: int  # estimated peak
+
+    def describe(self) -> str:
+        """One line for the log."""
+        where = ", inputs offloaded to CPU" if self.offload else ""
+        return (
+            f"memory plan: budget {self.budget / GB:.1f} GB; weights+grads+optimizer "
+            f"{self.fixed / GB:.2f} GB; per block {self.block_keep / 2**20:.0f} MB kept or "
+            f"{self.block_checkpointed / 2**20:.0f} MB checkpointed -> checkpoint "
+            f"{self.checkpointed} of {self.n_layers} blocks{where} (estimated peak "
+            f"{self.estimate / GB:.1f} GB)"
+        )
+
+    def save(self, path: Path) -> None:
+        """memory_plan.json (atomic)."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp.replace(path)
+
+
+def fixed_bytes(model: nn.Module) -> int:
+    """Parameters and buffers, plus grad + 2 AdamW states per trainable parameter."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # tied weights count once
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+        if isinstance(t, nn.Parameter) and t.requires_grad:
+            total += 3 * t.numel() * t.element_size()
+    return total
+
+
+def block_costs(
+    model: nn.Module,
+    rows: int,
+    tokens: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[int, int]:
+    """(kept, checkpointed) bytes of one block at (rows, tokens), measured on block 0."""
+    layers = model.layers
+    block = layers[0]
+    dev, dim = model.device, model.cfg.dim
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.data_ptr() != 0:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(rows, tokens, dim, device=dev, dtype=model.dtype, generator=gen)
+    x.requires_grad_(True)
+    positions = torch.arange(tokens, device=dev).expand(rows, tokens)
+    from ..model.llama import rope_cos_sin
+
+    cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
+    was = block.training
+    block.train()
+    try:
+        with (
+            torch.enable_grad(),
+            autocast(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            out = block(x, cos, sin, None, None)
+        del out
+    finally:
+        block.train(was)
+    checkpointed = rows * tokens * dim * x.element_size()
+    return sum(saved.values()), checkpointed
+
+
+def choose(budget: int, fixed: int, keep: int, checkpointed: int, n_layers: int) -> MemoryPlan:
+    """The plan with the fewest checkpointed blocks whose estimate fits the budget."""
+    usable = int(budget * (1 - HEADROOM))
+
+    def estimate(k: int, offload: bool = False) -> int:
+        inputs = 0 if offload else k * checkpointed
+        return fixed + (n_layers - k) * keep + inputs + (keep if k else 0)
+
+    for k in range(n_layers + 1):
+        if estimate(k) <= usable:
+            return MemoryPlan(budget, fixed, keep, checkpointed, n_layers, k, False, estimate(k))
+    if estimate(n_layers, True) <= usable:
+        est = estimate(n_layers, True)
+        return MemoryPlan(budget, fixed, keep, checkpointed, n_layers, n_layers, True, est)
+    raise UserError(
+        f"key 'memory_budget_gb': the run needs about {estimate(n_layers, True) / GB:.1f} GB "
+        f"even with every block checkpointed and offloaded (weights, grads and optimizer "
+        f"{fixed / GB:.1f} GB), over {usable / GB:.1f} GB usable of the {budget / GB:.1f} GB "
+        "budget: lower optim.batch_size or data.max_seq_len, or train with LoRA/QLoRA"
+    )
+
+
+def budget_bytes(setting: float | str, device: torch.device) -> int | None:
+    """The budget in bytes: a number of GB, or `auto` (free + held by us; None on a CPU)."""
+    if setting != "auto":
+        return int(float(setting) * GB)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_allocated(device)
+
+
+def plan_memory(
+    model: nn.Module,
+    setting: float | str,
+    rows: int,
+    tokens: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> MemoryPlan | None:
+    """Measure and choose (None: `auto` on a device whose free memory is unknown)."""
+    budget = budget_bytes(setting, model.device)
+    if budget is None:
+        return None
+    keep, ckpt = block_costs(model, rows, tokens, autocast)
+    return choose(budget, fixed_bytes(model), keep, ckpt, len(model.layers))

@@ -1,0 +1,161 @@
+"""memory_budget_gb: measured per-block costs, the plan chosen, and a run that follows it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llamaforge.adapters import add_adapter
+from llamaforge.cli import main
+from llamaforge.config import ConfigError, config_from_dict
+from llamaforge.errors import UserError
+from llamaforge.train.memory_plan import GB, HEADROOM, block_costs, choose, fixed_bytes
+from tests.helpers import random_model, tiny_hf_folder
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+MB = 2**20
+
+
+def test_choose_keeps_as_many_blocks_as_fit():
+    fixed, keep, ckpt, n = 1000 * MB, 100 * MB, 10 * MB, 8
+    usable = lambda budget: budget * (1 - HEADROOM)  # noqa: E731
+    big = choose(10 * GB, fixed, keep, ckpt, n)
+    assert big.checkpointed == 0 and not big.offload
+    assert big.estimate == fixed + n * keep
+    # room for fixed + 5 kept + 3 checkpointed + one recomputed block
+    need = fixed + 5 * keep + 3 * ckpt + keep
+    plan = choose(int(need / (1 - HEADROOM)) + 1, fixed, keep, ckpt, n)
+    assert plan.checkpointed == 3 and plan.estimate == need <= usable(plan.budget)
+    # every block checkpointed does not fit, offloading their inputs does
+    every = fixed + n * ckpt + keep
+    off = choose(int((every - 1) / (1 - HEADROOM)), fixed, keep, ckpt, n)
+    assert off.checkpointed == n and off.offload and off.estimate == fixed + keep
+    with pytest.raises(UserError, match="memory_budget_gb.*lower optim.batch_size"):
+        choose(int(fixed / (1 - HEADROOM)), fixed, keep, ckpt, n)
+
+
+def test_fixed_bytes_counts_weights_grads_and_adam_states():
+    model = random_model("tiny-llama3")
+    n = sum(p.numel() for p in model.parameters())  # all trainable, fp32
+    buffers = sum(b.untyped_storage().nbytes() for b in model.buffers())
+    assert fixed_bytes(model) == 4 * n * 4 + buffers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_adapter(model, "a", r=4, alpha=8)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert fixed_bytes(model) == (n + lora) * 4 + 3 * lora * 4 + buffers
+
+
+def test_block_costs_are_measured_at_the_planned_shape():
+    model = random_model("tiny-llama3")
+    keep, ckpt = block_costs(model, rows=2, tokens=32)
+    assert ckpt == 2 * 32 * model.cfg.dim * 4
+    assert keep > 4 * ckpt  # a block saves many of its (rows, tokens, .) intermediates
+    keep2, ckpt2 = block_costs(model, rows=2, tokens=64)
+    assert ckpt2 == 2 * ckpt and 1.8 * keep < keep2 < 2.5 * keep  # linear in tokens (+ attn)
+    assert not any(p.grad is not None for p in model.parameters())  # the probe trains nothing
+
+
+def test_config_key():
+    base = {"model": "m", "data": {"path": "d"}}
+    assert config_from_dict({**base, "memory_budget_gb": 16.7}).memory_budget_gb == 16.7
+    assert config_from_dict({**base, "memory_budget_gb": "auto"}).memory_budget_gb == "auto"
+    for bad in (-1, 0, "lots"):
+        with pytest.raises(ConfigError, match="memory_budget_gb"):
+            config_from_dict({**base, "memory_budget_gb": bad})
+    with pytest.raises(ConfigError, match="activation_checkpointing.*memory_budget_gb"):
+        config_from_dict({**base, "memory_budget_gb": 8, "activation_checkpointing": True})
+    with pytest.raises(ConfigError, match="not ppo"):
+        config_from_dict({**base, "memory_budget_gb": 8, "stage": "ppo"})
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return tiny_hf_folder(tmp_path_factory.mktemp("base"))
+
+
+def _train(tmp_path: Path, base: Path, name: str, capsys, **extra) -> tuple[dict, Path, str]:
+    out = tmp_path / name
+    raw = {
+        "model": str(base),
+        "method": "full",
+        "data": {"path": str(FIX / "alpaca.json"), "format": "alpaca", "cache_dir": str(tmp_path),
+                 "max_seq_len": 256, "packing": True},
+        "output_dir": str(out),
+        "max_steps": 2,
+        "optim": {"lr": 0.01, "batch_size": 2},
+        "logging": {"tensorboard": False, "plot": False},
+        **extra,
+    }  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path)]) == 0
+    got = capsys.readouterr()
+    return json.loads(got.out), out, got.err
+
+
+def test_a_run_follows_the_plan_and_learns_the_same(tmp_path, base_dir, capsys):
+    """A budget that fits 2 kept blocks of tiny-llama3: the other blocks are checkpointed,
+    memory_plan.json says so, and the losses equal an unplanned run's (same math)."""
+    model = random_model("tiny-llama3", seed=3)
+    keep, ckpt = block_costs(model, rows=2, tokens=256)
+    n = len(model.layers)
+    need = fixed_bytes(model) + 2 * keep + (n - 2) * ckpt + keep
+    budget_gb = (need / (1 - HEADROOM) + 1) / GB
+    plain, plain_out, _ = _train(tmp_path, base_dir, "plain", capsys)
+    planned, out, log = _train(tmp_path, base_dir, "planned", capsys, memory_budget_gb=budget_gb)
+    assert f"checkpoint {n - 2} of {n} blocks" in log
+    plan = json.loads((out / "memory_plan.json").read_text())
+    assert plan["checkpointed"] == n - 2 and not plan["offload"]
+    assert plan["block_keep"] == keep and plan["block_checkpointed"] == ckpt
+
+    def losses(d: Path) -> list[float]:
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r.get("kind") == "train"]
+
+    assert losses(out) == pytest.approx(losses(plain_out), rel=1e-5)
+    assert planned["steps"] == plain["steps"] == 2
+
+
+def test_a_budget_too_small_stops_before_training(tmp_path, base_dir, capsys):
+    raw = {
+        "model": str(base_dir),
+        "method": "full",
+        "data": {"path": str(FIX / "alpaca.json"), "format": "alpaca", "cache_dir": str(tmp_path)},
+        "output_dir": str(tmp_path / "small"),
+        "max_steps": 1,
+        "memory_budget_gb": 1e-6,
+    }
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "memory_budget_gb" in err and "Traceback" not in err
+    assert not (tmp_path / "small" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory needs CUDA")
+def test_estimate_is_near_the_measured_peak_on_cuda():
+    """One LoRA step of a small model: the estimate within half to 1.5x of the real peak."""
+    from llamaforge.config import OptimConfig
+    from llamaforge.losses import chunked_causal_lm_loss_fn
+    from llamaforge.train.memory_plan import plan_memory
+    from llamaforge.train.optim import build_optimizer
+
+    model = random_model("tiny-llama3").cuda().bfloat16()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_adapter(model, "a", r=8, alpha=16)
+    plan = plan_memory(model, 80, rows=4, tokens=1024)
+    torch.cuda.reset_peak_memory_stats()
+    opt = build_optimizer(model, OptimConfig())
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 1024), device="cuda")
+    loss, count = chunked_causal_lm_loss_fn(model, {"input_ids": ids, "labels": ids})
+    (loss / count).backward()
+    opt.step()
+    peak = torch.cuda.max_memory_allocated()
+    assert 0.5 * peak < plan.estimate < 1.5 * peak
