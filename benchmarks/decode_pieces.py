@@ -33,7 +33,7 @@ SHAPES = {
     "qkv": (6144, H),
     "gate/up": (FFN, H),
     "gate_up": (2 * FFN, H),
-    "down": (H, I),
+    "down": (H, FFN),
     "lm_head": (V, H),
 }
 
