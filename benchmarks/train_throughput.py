@@ -135,6 +135,7 @@ class Spec:
     mem_cap_gib: float | None = None  # cap each child's GPU memory (e.g. 79 for an 80 GB card)
     profile: bool = False  # llamaforge stacks: profile one more step, report the top ops
     ckpt_layers: int | None = None  # llamaforge stacks: checkpoint only the first N blocks
+    memory_budget: str | None = None  # llamaforge stacks: GB or auto, the recipe's plan
     hf_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -393,6 +394,18 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
     model.checkpoint_layers = spec.ckpt_layers
     model.set_mlp_chunk(TrainConfig().mlp_chunk_tokens)
     model.train()
+    plan = None
+    if spec.memory_budget is not None:  # as `memory_budget_gb` makes the recipe do
+        from llamaforge.train.loop import autocast_context
+        from llamaforge.train.memory_plan import plan_memory
+
+        budget = spec.memory_budget if spec.memory_budget == "auto" else float(spec.memory_budget)
+        plan = plan_memory(
+            model, budget, spec.bs, spec.seq, lambda: autocast_context(precision, dev)
+        )
+        if plan is not None:
+            model.checkpoint_layers = plan.checkpointed
+            model.offload_activations = plan.offload
     notes = {
         "lora": f"{dtype_name(dtype)} base, fp32 LoRA",
         "qlora": f"llamaforge NF4+DQ base, {dtype_name(compute)} compute, fp32 LoRA",
@@ -407,6 +420,8 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
     if spec.ckpt_layers is not None:
         n = min(spec.ckpt_layers, len(model.layers))
         kernels += f", {n} of {len(model.layers)} blocks checkpointed"
+    if plan is not None:
+        kernels += f"; {plan.describe()}"
     return model, precision, f"{notes}; {kernels}"
 
 
@@ -997,6 +1012,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="llamaforge stacks: recompute only the first N blocks (0: none; default: all)",
     )
+    p.add_argument(
+        "--memory-budget",
+        help="llamaforge stacks: GB (or auto) for the recipe's memory plan, which then picks "
+        "the checkpointed blocks (its line goes into the row's notes)",
+    )
     p.add_argument("--verbose", action="store_true", help="show the children's stderr")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -1016,6 +1036,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.ckpt_layers is not None and args.ckpt_layers < 0:
         raise SystemExit(f"--ckpt-layers {args.ckpt_layers}: give a number of blocks >= 0")
     spec.ckpt_layers = args.ckpt_layers
+    if args.memory_budget is not None and args.ckpt_layers is not None:
+        raise SystemExit("--memory-budget chooses the checkpointed blocks: drop --ckpt-layers")
+    spec.memory_budget = args.memory_budget
     stacks = resolve_stacks(args.stacks, spec.method)
     if seqs:
         return sweep_main(spec, stacks, seqs, args)
