@@ -9,6 +9,11 @@
 #   next    what 2026-12-02 left untimed: fewer checkpointed blocks for 8B LoRA, the fused
 #           bf16 AdamW for 1B full
 #   long350 QLoRA 8B at 350,000 tokens with exact-size offload (one ~6-minute step)
+#   plan    the memory plan (`memory_budget_gb`) on the issue-16 rows: the blocks it
+#           checkpoints and its estimate beside the measured peak, at several budgets
+#   adamw   bf16 + stochastic-rounding AdamW vs fp32 masters vs a second seed, 500 steps of
+#           SmolLM2 full SFT on chitchat (needs MODEL=path/to/SmolLM2.gguf and the
+#           chitchat-dataset wheel on PYTHONPATH)
 # Baselines need their packages importable (BASELINES.md: wheels on PYTHONPATH); a missing
 # one is reported as skipped. Every benchmark has its own time limit so one slow part cannot
 # eat the others' time. Random models for the from-disk stacks are kept in /tmp between parts.
@@ -64,12 +69,28 @@ next)
   tp bf16_full1b 90 --workload full1b --stacks llamaforge-bf16,llamaforge-bf16-fused \
     --steps 4 --warmup 2
   ;;
+plan)
+  for b in 16.7 24 40 auto; do
+    tp "plan${b}_lora8b" 100 --workload lora8b --stacks llamaforge --memory-budget "$b" \
+      --steps 3 --warmup 2
+  done
+  tp plan10_full1b 90 --workload full1b --stacks llamaforge-bf16-fused --memory-budget 10 \
+    --steps 3 --warmup 2
+  tp plan7_qlora8b 110 --workload qlora8b --stacks llamaforge --memory-budget 7 \
+    --steps 3 --warmup 2
+  ;;
+adamw)
+  timeout 560 python3 benchmarks/optimizer_curve.py --model "${MODEL:?set MODEL}" --steps 500 \
+    --out "$out/optimizer_curve.json" >"$out/optimizer_curve.log" 2>&1
+  echo "== optimizer_curve (exit $?)"
+  tail -3 "$out/optimizer_curve.log"
+  ;;
 long350)
   tp longest350_qlora8b 560 --workload qlora8b --stacks llamaforge-offload --seqs 350000 \
     --steps 1 --warmup 0 --mem-cap-gib 79
   ;;
 *)
-  echo "unknown part $part (tests, side, qlora, long, next, long350)" >&2
+  echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw)" >&2
   exit 2
   ;;
 esac

@@ -8,7 +8,8 @@ and picks the fastest plan that fits:
   parameter (in the parameter's dtype, as `build_optimizer`'s optimizers keep them);
 - per block, measured by running block 0 once at the planned (rows, tokens) shape under the
   run's autocast and adding up the bytes of every distinct tensor autograd saves for the
-  backward (parameters excluded: they are counted in fixed). That is what a block keeps
+  backward (parameters, buffers and RoPE tables excluded: they are shared, and counted in
+  fixed). That is what a block keeps
   without checkpointing; with checkpointing it keeps only its input (rows x tokens x dim);
 - a checkpointed block is recomputed in the backward, so one block's full activations come
   back at a time on top of the rest.
@@ -96,12 +97,13 @@ def block_costs(
     layers = model.layers
     block = layers[0]
     dev, dim = model.device, model.cfg.dim
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # weights, buffers (NF4 codes, scales) and the RoPE tables are shared, not per block
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        if s.data_ptr() not in params and s.data_ptr() != 0:
+        if s.data_ptr() not in shared and s.data_ptr() != 0:
             saved[s.data_ptr()] = s.nbytes()
         return t
 
@@ -112,6 +114,7 @@ def block_costs(
     from ..model.llama import rope_cos_sin
 
     cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
+    shared |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     was = block.training
     block.train()
     try:
