@@ -36,6 +36,10 @@ def test_choose_keeps_as_many_blocks_as_fit():
     assert off.checkpointed == n and off.offload and off.estimate == fixed + keep
     with pytest.raises(UserError, match="memory_budget_gb.*lower optim.batch_size"):
         choose(int(fixed / (1 - HEADROOM)), fixed, keep, ckpt, n)
+    # under the auto default the most frugal plan is tried instead of refused
+    tried = choose(int(fixed / (1 - HEADROOM)), fixed, keep, ckpt, n, strict=False)
+    assert tried.offload and tried.checkpointed == n and not tried.fits
+    assert "over the budget even so" in tried.describe()
 
 
 def test_fixed_bytes_counts_weights_grads_and_adam_states():
@@ -60,8 +64,24 @@ def test_block_costs_are_measured_at_the_planned_shape():
     assert not any(p.grad is not None for p in model.parameters())  # the probe trains nothing
 
 
+def test_long_runs_are_probed_short_and_scaled(monkeypatch):
+    import llamaforge.train.memory_plan as mp
+
+    model = random_model("tiny-llama3")
+    monkeypatch.setattr(mp, "PROBE_TOKENS", 16)
+    one = mp._saved_bytes(model, 16, mp.contextlib.nullcontext)
+    keep, ckpt = mp.block_costs(model, rows=3, tokens=200)
+    assert keep == -(-one * 3 * 200 // 16)
+    assert ckpt == 3 * 200 * model.cfg.dim * 4
+
+
 def test_config_key():
     base = {"model": "m", "data": {"path": "d"}}
+    assert config_from_dict(base).memory_budget_gb == "auto"  # the default plans on a GPU
+    assert config_from_dict({**base, "memory_budget_gb": None}).memory_budget_gb is None
+    # under auto, checkpointing set by hand wins (no error); with a given budget it conflicts
+    hand = config_from_dict({**base, "activation_checkpointing": True})
+    assert hand.memory_budget_gb == "auto" and hand.activation_checkpointing
     assert config_from_dict({**base, "memory_budget_gb": 16.7}).memory_budget_gb == 16.7
     assert config_from_dict({**base, "memory_budget_gb": "auto"}).memory_budget_gb == "auto"
     for bad in (-1, 0, "lots"):

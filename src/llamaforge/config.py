@@ -338,9 +338,10 @@ class RunConfig:
     activation_offload: bool = False
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
-    # GB the run may use (or auto: the GPU's free memory); the recipe then measures the
-    # run and chooses which blocks are checkpointed or offloaded (train/memory_plan.py)
-    memory_budget_gb: float | Literal["auto"] | None = _f(None, BUDGET)
+    # GB the run may use (auto: the GPU's free memory; null: no plan); the recipe measures
+    # the run and chooses which blocks are checkpointed or offloaded (train/memory_plan.py).
+    # Under auto, activation_checkpointing/_offload set by hand win over the plan.
+    memory_budget_gb: float | Literal["auto"] | None = _f("auto", BUDGET)
     kernels: Kernels = field(default_factory=Kernels)  # fused GPU kernels, each opt-out
     lora: LoraConfig = field(default_factory=LoraConfig)
     qlora: QloraConfig = field(default_factory=QloraConfig)
@@ -596,7 +597,7 @@ def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
 
 def _run_checks(cfg: RunConfig, origins: _Origins) -> None:
     """Rules of a whole run: data splits, and stages with the data they need."""
-    if cfg.memory_budget_gb is not None:
+    if cfg.memory_budget_gb not in (None, "auto"):  # a budget the user gave: check its use
         for key in ("activation_checkpointing", "activation_offload"):
             if getattr(cfg, key):
                 raise origins.error(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from ..errors import UserError
 
 GB = 1024**3
 HEADROOM = 0.1  # fraction of the budget kept free for the allocator and transient buffers
+PROBE_TOKENS = 2048  # the measuring forward's length at most (costs scale per token)
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,13 @@ class MemoryPlan:
     checkpointed: int  # blocks 0..checkpointed-1 recompute in the backward
     offload: bool  # their saved inputs live in CPU memory
     estimate: int  # estimated peak
+    fits: bool = True  # False: even the most frugal plan's estimate is over the budget
 
     def describe(self) -> str:
         """One line for the log."""
         where = ", inputs offloaded to CPU" if self.offload else ""
+        if not self.fits:
+            where += "; over the budget even so: trying it"
         return (
             f"memory plan: budget {self.budget / GB:.1f} GB; weights+grads+optimizer "
             f"{self.fixed / GB:.2f} GB; per block {self.block_keep / 2**20:.0f} MB kept or "
@@ -93,10 +97,25 @@ def block_costs(
     tokens: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[int, int]:
-    """(kept, checkpointed) bytes of one block at (rows, tokens), measured on block 0."""
-    layers = model.layers
-    block = layers[0]
-    dev, dim = model.device, model.cfg.dim
+    """(kept, checkpointed) bytes of one block at (rows, tokens), measured on block 0.
+
+    The probe runs one row of at most PROBE_TOKENS tokens and scales linearly: what a block
+    saves is per token (flash attention keeps its output and log-sum-exp, not the T x T
+    weights), and a long-context run could not afford one unchecked block at full length.
+    """
+    probe = min(tokens, PROBE_TOKENS)
+    keep = _saved_bytes(model, probe, autocast)
+    checkpointed = rows * tokens * model.cfg.dim * model.dtype.itemsize
+    return -(-keep * rows * tokens // probe), checkpointed
+
+
+def _saved_bytes(
+    model: nn.Module, tokens: int, autocast: Callable[[], contextlib.AbstractContextManager]
+) -> int:
+    """Bytes of the distinct tensors block 0 saves for its backward, one row of `tokens`."""
+    from ..model.llama import rope_cos_sin
+
+    block, dev = model.layers[0], model.device
     # weights, buffers (NF4 codes, scales) and the RoPE tables are shared, not per block
     shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
@@ -108,12 +127,9 @@ def block_costs(
         return t
 
     gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(rows, tokens, dim, device=dev, dtype=model.dtype, generator=gen)
+    x = torch.randn(1, tokens, model.cfg.dim, device=dev, dtype=model.dtype, generator=gen)
     x.requires_grad_(True)
-    positions = torch.arange(tokens, device=dev).expand(rows, tokens)
-    from ..model.llama import rope_cos_sin
-
-    cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
+    cos, sin = rope_cos_sin(torch.arange(tokens, device=dev)[None], model.inv_freq, x.dtype)
     shared |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     was = block.training
     block.train()
@@ -127,12 +143,18 @@ def block_costs(
         del out
     finally:
         block.train(was)
-    checkpointed = rows * tokens * dim * x.element_size()
-    return sum(saved.values()), checkpointed
+    return sum(saved.values())
 
 
-def choose(budget: int, fixed: int, keep: int, checkpointed: int, n_layers: int) -> MemoryPlan:
-    """The plan with the fewest checkpointed blocks whose estimate fits the budget."""
+def choose(
+    budget: int, fixed: int, keep: int, checkpointed: int, n_layers: int, strict: bool = True
+) -> MemoryPlan:
+    """The plan with the fewest checkpointed blocks whose estimate fits the budget.
+
+    When none fits: an error if `strict` (a budget the user gave), else the most frugal plan
+    (every block checkpointed and offloaded) marked `fits=False`: under the `auto` default
+    the estimate may be pessimistic, so the run is tried rather than refused.
+    """
     usable = int(budget * (1 - HEADROOM))
 
     def estimate(k: int, offload: bool = False) -> int:
@@ -142,14 +164,15 @@ def choose(budget: int, fixed: int, keep: int, checkpointed: int, n_layers: int)
     for k in range(n_layers + 1):
         if estimate(k) <= usable:
             return MemoryPlan(budget, fixed, keep, checkpointed, n_layers, k, False, estimate(k))
-    if estimate(n_layers, True) <= usable:
-        est = estimate(n_layers, True)
-        return MemoryPlan(budget, fixed, keep, checkpointed, n_layers, n_layers, True, est)
+    est = estimate(n_layers, True)
+    if est <= usable or not strict:
+        plan = MemoryPlan(budget, fixed, keep, checkpointed, n_layers, n_layers, True, est)
+        return replace(plan, fits=est <= usable)
     raise UserError(
-        f"key 'memory_budget_gb': the run needs about {estimate(n_layers, True) / GB:.1f} GB "
-        f"even with every block checkpointed and offloaded (weights, grads and optimizer "
-        f"{fixed / GB:.1f} GB), over {usable / GB:.1f} GB usable of the {budget / GB:.1f} GB "
-        "budget: lower optim.batch_size or data.max_seq_len, or train with LoRA/QLoRA"
+        f"key 'memory_budget_gb': the run needs about {est / GB:.1f} GB even with every block "
+        f"checkpointed and offloaded (weights, grads and optimizer {fixed / GB:.1f} GB), "
+        f"over {usable / GB:.1f} GB usable of the {budget / GB:.1f} GB budget: lower "
+        "optim.batch_size or data.max_seq_len, or train with LoRA/QLoRA"
     )
 
 
@@ -175,4 +198,5 @@ def plan_memory(
     if budget is None:
         return None
     keep, ckpt = block_costs(model, rows, tokens, autocast)
-    return choose(budget, fixed_bytes(model), keep, ckpt, len(model.layers))
+    strict = setting != "auto"
+    return choose(budget, fixed_bytes(model), keep, ckpt, len(model.layers), strict)

@@ -175,9 +175,14 @@ def planned_train_config(
 ) -> TrainConfig:
     """The loop's settings; with `memory_budget_gb`, the activation plan that fits it."""
     tcfg = cfg.train_config()
-    if cfg.memory_budget_gb is None:
+    setting = cfg.memory_budget_gb
+    if setting is None or model.device.type != "cuda" and setting == "auto":
         return tcfg
+    if setting == "auto" and (cfg.activation_checkpointing or cfg.activation_offload):
+        return tcfg  # settings given by hand win over the default plan
     if distributed.world_size() > 1:
+        if setting == "auto":
+            return tcfg
         raise UserError("key 'memory_budget_gb': one process only for now (torchrun found)")
     device = model.device
     plan = plan_memory(
@@ -188,7 +193,6 @@ def planned_train_config(
         autocast=lambda: autocast_context(precision, device),
     )
     if plan is None:
-        log(f"memory plan: memory_budget_gb auto on {device} (free memory unknown): no plan")
         return tcfg
     log(plan.describe())
     if out is not None:
