@@ -64,6 +64,18 @@ def test_block_costs_are_measured_at_the_planned_shape():
     assert not any(p.grad is not None for p in model.parameters())  # the probe trains nothing
 
 
+def test_the_probe_leaves_the_global_rng_alone():
+    from llamaforge.adapters.inject import apply_lora
+
+    model = random_model("tiny-llama3")
+    apply_lora(model, r=4, alpha=8, dropout=0.1)  # the probe's forward draws dropout masks
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    block_costs(model, rows=2, tokens=64)
+    assert torch.equal(torch.rand(3), want)
+
+
 def test_long_runs_are_probed_short_and_scaled(monkeypatch):
     import llamaforge.train.memory_plan as mp
 

@@ -134,7 +134,9 @@ def _saved_bytes(
     was = block.training
     block.train()
     try:
+        cuda = [dev] if dev.type == "cuda" else []
         with (
+            torch.random.fork_rng(devices=cuda),  # dropout in the probe leaves the run's RNG
             torch.enable_grad(),
             autocast(),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
