@@ -151,8 +151,11 @@ class LoRALinear(nn.Module):
         # copy the activations twice.
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
-        h = self.lora_dropout[name](x)
-        return F.linear(F.linear(h, a), b) * self.scaling[name]
+        h = F.linear(self.lora_dropout[name](x), a)  # (..., r)
+        scaling = self.scaling[name]
+        if scaling != 1.0:  # scale the r-wide projection, not the (..., out) delta: one
+            h = h * scaling  # pass over r columns instead of out (none at all when alpha = r)
+        return F.linear(h, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out)."""
