@@ -169,7 +169,9 @@ class LoRALinear(nn.Module):
             return self._row_forward(x, y)
         if self.active is None or self.active not in self.lora_A:
             return y
-        return y + self.adapter_delta(x, self.active).to(y.dtype)
+        # into the delta in place (no third (..., out) tensor alive): nothing saves the
+        # second LoRA matmul's output for the backward
+        return self.adapter_delta(x, self.active).to(y.dtype).add_(y)
 
     def _row_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add each adapter's delta to its own rows of the batch (dim 0) only."""
