@@ -172,21 +172,26 @@ def test_a_budget_too_small_stops_before_training(tmp_path, base_dir, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory needs CUDA")
 def test_estimate_is_near_the_measured_peak_on_cuda():
-    """One LoRA step of a small model: the estimate within half to 1.5x of the real peak."""
+    """One LoRA step of SmolLM2-135M's shape (activations ~1 GB, well above allocator and
+    workspace noise): the plan's estimate within half to 1.5x of the measured peak."""
     from llamaforge.config import OptimConfig
     from llamaforge.losses import chunked_causal_lm_loss_fn
+    from llamaforge.train.loop import autocast_context
     from llamaforge.train.memory_plan import plan_memory
     from llamaforge.train.optim import build_optimizer
 
-    model = random_model("tiny-llama3").cuda().bfloat16()
+    model = random_model("smollm2-135m").cuda().bfloat16().train()
     for p in model.parameters():
         p.requires_grad_(False)
     add_adapter(model, "a", r=8, alpha=16)
-    plan = plan_memory(model, 80, rows=4, tokens=1024)
+    autocast = lambda: autocast_context("bf16", model.device)  # noqa: E731
+    plan = plan_memory(model, 80, rows=2, tokens=1024, autocast=autocast)
+    assert plan is not None and plan.checkpointed == 0
     torch.cuda.reset_peak_memory_stats()
     opt = build_optimizer(model, OptimConfig())
-    ids = torch.randint(0, model.cfg.vocab_size, (4, 1024), device="cuda")
-    loss, count = chunked_causal_lm_loss_fn(model, {"input_ids": ids, "labels": ids})
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 1024), device="cuda")
+    with autocast():
+        loss, count = chunked_causal_lm_loss_fn(model, {"input_ids": ids, "labels": ids})
     (loss / count).backward()
     opt.step()
     peak = torch.cuda.max_memory_allocated()
