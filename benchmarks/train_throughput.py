@@ -399,9 +399,8 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
         from llamaforge.train.loop import autocast_context
         from llamaforge.train.memory_plan import plan_memory
 
-        budget = spec.memory_budget if spec.memory_budget == "auto" else float(spec.memory_budget)
-        plan = plan_memory(
-            model, budget, spec.bs, spec.seq, lambda: autocast_context(precision, dev)
+        plan = plan_memory(  # budget_bytes reads "24" or "auto" as given
+            model, spec.memory_budget, spec.bs, spec.seq, lambda: autocast_context(precision, dev)
         )
         if plan is not None:
             model.checkpoint_layers = plan.checkpointed

@@ -29,13 +29,14 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..model.llama import rope_cos_sin
 
 GB = 1024**3
 HEADROOM = 0.1  # fraction of the budget kept free for the allocator and transient buffers
@@ -113,8 +114,6 @@ def _saved_bytes(
     model: nn.Module, tokens: int, autocast: Callable[[], contextlib.AbstractContextManager]
 ) -> int:
     """Bytes of the distinct tensors block 0 saves for its backward, one row of `tokens`."""
-    from ..model.llama import rope_cos_sin
-
     block, dev = model.layers[0], model.device
     # weights, buffers (NF4 codes, scales) and the RoPE tables are shared, not per block
     shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -168,8 +167,9 @@ def choose(
             return MemoryPlan(budget, fixed, keep, checkpointed, n_layers, k, False, estimate(k))
     est = estimate(n_layers, True)
     if est <= usable or not strict:
-        plan = MemoryPlan(budget, fixed, keep, checkpointed, n_layers, n_layers, True, est)
-        return replace(plan, fits=est <= usable)
+        return MemoryPlan(
+            budget, fixed, keep, checkpointed, n_layers, n_layers, True, est, est <= usable
+        )
     raise UserError(
         f"key 'memory_budget_gb': the run needs about {est / GB:.1f} GB even with every block "
         f"checkpointed and offloaded (weights, grads and optimizer {fixed / GB:.1f} GB), "

@@ -176,34 +176,30 @@ def planned_train_config(
     """The loop's settings; with `memory_budget_gb`, the activation plan that fits it."""
     tcfg = cfg.train_config()
     setting = cfg.memory_budget_gb
-    if setting is None or model.device.type != "cuda" and setting == "auto":
-        return tcfg
-    if setting == "auto" and (cfg.activation_checkpointing or cfg.activation_offload):
-        return tcfg  # settings given by hand win over the default plan
+    auto = setting == "auto"
+    if setting is None or auto and (cfg.activation_checkpointing or cfg.activation_offload):
+        return tcfg  # no plan, or settings given by hand win over the default one
     if distributed.world_size() > 1:
-        if setting == "auto":
+        if auto:
             return tcfg
         raise UserError("key 'memory_budget_gb': one process only for now (torchrun found)")
-    device = model.device
-    plan = plan_memory(
+    plan = plan_memory(  # None for auto off a GPU, before any probe runs
         model,
-        cfg.memory_budget_gb,
+        setting,
         rows=cfg.optim.batch_size * stage.rows,
         tokens=cfg.data.max_seq_len,
-        autocast=lambda: autocast_context(precision, device),
+        autocast=lambda: autocast_context(precision, model.device),
     )
     if plan is None:
         return tcfg
     log(plan.describe())
     if out is not None:
         plan.save(out / "memory_plan.json")
-    every = plan.checkpointed == plan.n_layers
+    k = plan.checkpointed
     return replace(
         tcfg,
-        activation_checkpointing=plan.checkpointed > 0,
-        activation_checkpointing_layers=None
-        if every or not plan.checkpointed
-        else plan.checkpointed,
+        activation_checkpointing=k > 0,
+        activation_checkpointing_layers=k if 0 < k < plan.n_layers else None,
         activation_offload=plan.offload,
     )
 
