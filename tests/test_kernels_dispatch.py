@@ -171,7 +171,7 @@ def test_fp32_masters_under_autocast_train_on_packed_rows():
     docs = DOCS.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = model(ids, doc_ids=docs)
-        model.kernels.varlen_attention = False
+        model.set_kernels(Kernels(varlen_attention=False))
         want = model(ids, doc_ids=docs)
     real = docs >= 0
     torch.testing.assert_close(got[real].float(), want[real].float(), atol=5e-2, rtol=5e-2)

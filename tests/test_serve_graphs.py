@@ -17,9 +17,11 @@ def test_row_buckets():
     assert row_bucket(5, 6) == 6 and row_bucket(70, 70) == 70  # capped by the engine's rows
 
 
-def test_static_decode_equals_plain_path_over_adapters_and_widths(monkeypatch):
+@pytest.mark.parametrize("matmul_rows", [8, 2])  # 2: the 4- and 6-row buckets take SDPA
+def test_static_decode_equals_plain_path_over_adapters_and_widths(monkeypatch, matmul_rows):
     """Rows of many lengths (several width buckets), 4 adapters and the base, staggered."""
     monkeypatch.setattr(graphs_mod, "WIDTH_STEP", 8)
+    monkeypatch.setattr(graphs_mod, "MATMUL_ROWS", matmul_rows)
     model = with_adapters()
     ps = prompts(11, seed=4, lo=2, hi=45)
     names = [(None, *ADAPTERS)[i % 5] for i in range(11)]

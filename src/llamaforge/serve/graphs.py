@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..model.llama import Llama
 from .kv import SlotPool
@@ -29,6 +30,11 @@ from .lora_stack import Selection
 
 ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WIDTH_STEP = 256
+# Up to this many rows a bucket attends with two matmuls and a float32 softmax; above it
+# with SDPA. H200, 8B shapes: one row 17 vs 35 us a layer, eight 21 vs 36 (pieces alone,
+# benchmarks/decode_pieces.py), but at 64 rows reading the pool's strided keys the matmuls
+# took 280 us a layer in the engine (profile of 2026-12-03) against SDPA's ~105.
+MATMUL_ROWS = 8
 
 
 def row_bucket(n: int, max_batch: int) -> int:
@@ -40,8 +46,9 @@ class StaticDecode:
     """One bucket's inputs (the model forward's `cache` argument): B rows, width W.
 
     ids/positions (B, 1); write_slot/write_pos (B,) where each row's new key/value goes;
-    bias (B, 1, 1, W) float32, 0 on the keys each row sees and -inf elsewhere; lora_mask
-    (B, 1, cols) or None: the adapter columns of each row (see `lora_stack.Selection`).
+    mask (B, 1, 1, W): the keys each row sees, as a float32 additive bias (0 or -inf) in
+    buckets of up to MATMUL_ROWS rows, else as booleans for SDPA; lora_mask (B, 1, cols)
+    or None: the adapter columns of each row (see `lora_stack.Selection`).
     """
 
     length = 0  # Llama.hidden_states advances this; positions are given explicitly
@@ -54,9 +61,13 @@ class StaticDecode:
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.write_slot = torch.full((rows,), self.scratch, dtype=torch.long, device=dev)
         self.write_pos = torch.zeros(rows, dtype=torch.long, device=dev)
-        # additive score bias (B, 1, 1, W): 0 for the keys a row sees, -inf past its position
-        self.bias = torch.full((rows, 1, 1, width), float("-inf"), device=dev)
-        self.bias[..., 0] = 0.0
+        self.matmuls = rows <= MATMUL_ROWS
+        if self.matmuls:  # additive score bias: 0 for the keys a row sees, -inf past it
+            self.mask = torch.full((rows, 1, 1, width), float("-inf"), device=dev)
+            self.mask[..., 0] = 0.0
+        else:
+            self.mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=dev)
+            self.mask[..., 0] = True
         self.lora_mask = torch.zeros(rows, 1, cols, dtype=dtype, device=dev) if cols else None
         self._keys = torch.arange(width)
 
@@ -75,8 +86,9 @@ class StaticDecode:
         self.write_slot.copy_(slot, non_blocking=True)
         self.write_pos.copy_(pos, non_blocking=True)
         seen = self._keys[None, :] <= pos[:, None]
-        bias = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))
-        self.bias.copy_(bias[:, None, None], non_blocking=True)
+        if self.matmuls:
+            seen = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))
+        self.mask.copy_(seen[:, None, None], non_blocking=True)
         if self.lora_mask is not None:
             want = torch.tensor([-1 if s is None else s for s in lora_slots] + [-1] * (b - n))
             cols = torch.arange(self.cols) // rank
@@ -92,12 +104,12 @@ class StaticDecode:
         pv[self.write_slot, :, self.write_pos] = v[:, :, 0]
         keys, values = pk[:b, :, : self.width], pv[:b, :, : self.width]
         q = q.reshape(b, n_kv, h // n_kv, d)  # the query heads sharing a kv head, as queries
-        # One query per row: two matmuls and a float32 softmax beat SDPA's memory-efficient
-        # kernel here (H200, 8B shapes, graphs: 17 vs 35 us a layer at 1 row, 87 vs 105 at
-        # 64; benchmarks/decode_pieces.py), which is built for many queries per head.
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (B, K, rep, W)
-        scores.mul_(d**-0.5).add_(self.bias)
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+        if self.matmuls:  # see MATMUL_ROWS
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (B, K, rep, W)
+            scores.mul_(d**-0.5).add_(self.mask)
+            out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
         return out.reshape(b, 1, h * d)
 
 
