@@ -44,7 +44,7 @@ side)
   tp throughput_lora8b 290 --workload lora8b --stacks llamaforge,hf,hf-liger,unsloth \
     --steps 4 --warmup 2 --model-dir /tmp/l8b
   tp throughput_full1b 230 --workload full1b \
-    --stacks llamaforge,llamaforge-bf16,llamaforge-bf16-fused,hf,hf-liger,unsloth \
+    --stacks llamaforge,llamaforge-fp32,llamaforge-bf16,hf,hf-liger,unsloth \
     --steps 4 --warmup 2 --model-dir /tmp/l1b
   ;;
 qlora)
@@ -66,7 +66,7 @@ next)
     tp "ckpt${n}_lora8b" 80 --workload lora8b --stacks llamaforge --ckpt-layers "$n" \
       --steps 4 --warmup 2
   done
-  tp bf16_full1b 90 --workload full1b --stacks llamaforge-bf16,llamaforge-bf16-fused \
+  tp bf16_full1b 90 --workload full1b --stacks llamaforge,llamaforge-bf16 \
     --steps 4 --warmup 2
   ;;
 plan)
@@ -74,7 +74,7 @@ plan)
     tp "plan${b}_lora8b" 100 --workload lora8b --stacks llamaforge --memory-budget "$b" \
       --steps 3 --warmup 2
   done
-  tp plan10_full1b 90 --workload full1b --stacks llamaforge-bf16-fused --memory-budget 10 \
+  tp plan10_full1b 90 --workload full1b --stacks llamaforge --memory-budget 10 \
     --steps 3 --warmup 2
   tp plan7_qlora8b 110 --workload qlora8b --stacks llamaforge --memory-budget 7 \
     --steps 3 --warmup 2

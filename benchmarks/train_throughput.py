@@ -82,8 +82,8 @@ class Stack:
     needs_dir: bool = False
     # llamaforge variants
     plain: bool = False  # every fused kernel off
-    bf16_masters: bool = False  # full fine-tuning's weights and AdamW states in bf16
-    fused_adamw: bool = False  # bf16-master AdamW through its Triton kernel
+    master: str = "auto"  # full fine-tuning's `optim.master_dtype` (auto: bf16 on a GPU)
+    fused_adamw: bool = True  # bf16-master AdamW through its Triton kernel (the default)
     offload: bool = False  # checkpointed layer inputs in CPU memory
     dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
 
@@ -91,11 +91,11 @@ class Stack:
 STACKS = {
     "llamaforge": Stack("llamaforge"),
     "llamaforge-plain": Stack("llamaforge, kernels off", plain=True),
-    "llamaforge-bf16": Stack("llamaforge, bf16 masters", bf16_masters=True),
-    "llamaforge-offload": Stack("llamaforge, activations offloaded", offload=True),
-    "llamaforge-bf16-fused": Stack(
-        "llamaforge, bf16 masters, fused AdamW kernel", bf16_masters=True, fused_adamw=True
+    "llamaforge-fp32": Stack("llamaforge, fp32 masters", master="fp32"),
+    "llamaforge-bf16": Stack(
+        "llamaforge, bf16 masters, unfused AdamW", master="bf16", fused_adamw=False
     ),
+    "llamaforge-offload": Stack("llamaforge, activations offloaded", offload=True),
     "llamaforge-fsdp2": Stack("llamaforge, FSDP2 at world size 1", dist="fsdp2"),
     "llamaforge-ddp": Stack("llamaforge, DDP at world size 1", dist="ddp"),
     "hf": Stack("transformers + peft", ("transformers", "peft")),
@@ -369,8 +369,7 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
     from llamaforge.train.recipe import base_dtype
 
     precision = resolve_precision("auto", dev)
-    master = "bf16" if stack.bf16_masters else "fp32"
-    dtype = base_dtype(spec.method, precision, master)
+    dtype = base_dtype(spec.method, precision, stack.master)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     with torch.device(dev), default_dtype(dtype):
         model = Llama(model_config(spec))
@@ -428,8 +427,9 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     """llamaforge as its recipe sets it up: base dtype, method, loss, optimizer, autocast.
 
     Variants: `llamaforge-plain` turns every fused kernel off (the plain-PyTorch references);
-    `llamaforge-bf16` keeps full fine-tuning's weights and AdamW states in bf16
-    (`llamaforge-bf16-fused`: updated by one Triton kernel per parameter);
+    full fine-tuning keeps its weights and AdamW states in bf16 (the default on a GPU,
+    updated by one Triton kernel per parameter); `llamaforge-fp32` keeps fp32 master weights
+    and states, `llamaforge-bf16` bf16 ones updated by the unfused PyTorch ops;
     `llamaforge-offload` keeps the checkpointed layer inputs in CPU memory (long context).
     The feed-forward runs over 16,384-token slices past that many tokens, the loop's default.
     """

@@ -78,3 +78,18 @@ def test_bf16_stochastic_adamw_follows_the_fp32_master_curve():
     assert abs(drop_sr - drop_fp32) < 0.1 * drop_fp32, (fp32[-1], sr[-1])
     # round-to-nearest bf16 updates lose most of the small steps: it lags behind
     assert nearest[0] - nearest[-1] < drop_sr
+
+
+def test_full_fine_tuning_defaults_to_bf16_weights_under_bf16():
+    """`optim.master_dtype: auto` (the default): bf16 weights and states under bf16
+    precision (the curve in benchmarks/RESULTS.md), fp32 masters when asked or under fp16;
+    frozen bases are in the compute dtype whatever the setting."""
+    from llamaforge.config import OptimConfig
+    from llamaforge.train.recipe import base_dtype
+
+    assert OptimConfig().master_dtype == "auto"
+    assert base_dtype("full", "bf16") == torch.bfloat16
+    assert base_dtype("full", "bf16", "fp32") == torch.float32
+    assert base_dtype("full", "fp16") == torch.float32
+    assert base_dtype("full", "fp32", "bf16") == torch.float32
+    assert base_dtype("lora", "bf16", "fp32") == torch.bfloat16

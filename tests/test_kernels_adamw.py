@@ -76,14 +76,15 @@ def test_rounding_is_unbiased():
     assert abs(out_w.mean().item() - want) < 0.03 * 2**-8  # ulp just below 1.0 is 2^-8
 
 
-def test_optimizer_uses_the_kernel_only_when_asked_and_on_cuda(monkeypatch):
+def test_optimizer_uses_the_kernel_by_default_only_on_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(
         "llamaforge.train.bf16_adamw.adamw_bf16_step_", lambda *a, **k: calls.append(1)
     )
     model = random_model("tiny-llama3").to(torch.bfloat16)
+    model.set_kernels(Kernels(adamw=False))  # opted out
     assert build_optimizer(model, OptimConfig()).fused is False
-    model.set_kernels(Kernels(adamw=True))
+    model.set_kernels(Kernels())  # the default
     opt = build_optimizer(model, OptimConfig())
     assert isinstance(opt, StochasticBF16AdamW) and opt.fused
     for p in model.parameters():

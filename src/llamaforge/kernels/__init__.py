@@ -28,8 +28,7 @@ class Kernels:
     fused_ce: bool = True  # linear + cross entropy without materialising the logits
     nf4: bool = True  # Triton NF4 dequantise for QLoRA base weights
     varlen_attention: bool = True  # packed rows through flash varlen attention (CUDA)
-    # bf16-master AdamW as one kernel per parameter: opt-in until it is measured on a GPU
-    adamw: bool = False
+    adamw: bool = True  # bf16-weight AdamW (stochastic rounding) as one kernel per parameter
 
     @classmethod
     def none(cls) -> Kernels:

@@ -731,7 +731,9 @@ def run_ppo(cfg: RunConfig) -> dict[str, Any]:
     save_resolved(cfg, out)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model, tok = load_model(cfg.model, device=device, dtype=base_dtype(cfg.method, precision))
+    model, tok = load_model(
+        cfg.model, device=device, dtype=base_dtype(cfg.method, precision, cfg.optim.master_dtype)
+    )
     prompts, held = load_prompts(cfg, tok)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     roles = build_roles(model, tok, cfg, compute)

@@ -44,16 +44,18 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def base_dtype(method: str, precision: str, master_dtype: str = "fp32") -> torch.dtype:
-    """Weights' dtype: frozen ones in the compute dtype, trained full ones fp32 or bf16.
+def base_dtype(method: str, precision: str, master_dtype: str = "auto") -> torch.dtype:
+    """Weights' dtype: frozen ones in the compute dtype, trained full ones bf16 or fp32.
 
-    Full fine-tuning keeps fp32 masters under autocast unless `master_dtype` is bf16 (with
-    precision bf16): then weights and AdamW states are bf16, updated by stochastic rounding.
+    Under precision bf16, full fine-tuning keeps bf16 weights and AdamW states updated by
+    stochastic rounding (`master_dtype` auto or bf16), or fp32 masters under autocast
+    (`master_dtype: fp32`; also under fp16 precision).
     """
     if precision == "fp32":
         return torch.float32
     if method == "full":
-        return torch.bfloat16 if master_dtype == "bf16" and precision == "bf16" else torch.float32
+        bf16 = master_dtype in ("auto", "bf16") and precision == "bf16"
+        return torch.bfloat16 if bf16 else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
@@ -224,7 +226,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if main:
         save_resolved(cfg, out)
     precision = resolve_precision(cfg.precision, device)
-    dtype = base_dtype(cfg.method, precision, cfg.optim.master_dtype)
+    master = cfg.optim.master_dtype
+    if master == "auto" and env is not None:  # FSDP2/DDP keep fp32 masters (their tested path)
+        master = "fp32"
+    dtype = base_dtype(cfg.method, precision, master)
     model, tok = distributed.load_for_rank(cfg.model, env, device=device, dtype=dtype)
     splits = load_data(cfg, tok)
     items = eval_items(cfg, splits)
