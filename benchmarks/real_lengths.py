@@ -10,7 +10,13 @@ configs/smollm2_full_sft_chitchat.yaml) are tokenized once by llamaforge's data 
 - packed: the same conversations packed first-fit into rows of at most --seq tokens
   (`pack.pack_examples`, exactly what `data.packing: true` does), with as many rows per
   step as carry about the padded batches' real tokens (at least one), so both modes see
-  about the same real tokens per step.
+  about the same real tokens per step;
+- hf: transformers' LlamaForCausalLM (sdpa) + peft on the padded mode's batches (the same
+  conversations in the same order, attention mask, labels -100 outside the answers), what
+  `../shared/bench/hf_quality.py` does: the same base weights and the same initial adapter
+  weights as llamaforge's (copied by the checkpoint key map), bf16 autocast, clip 1.0, torch
+  AdamW (fused), the model's own loss. With `--lora-dropout 0` the two stacks compute the same
+  math, so their per-step losses match to bf16 rounding.
 
 Each step is the training loop's own: `accumulate_gradients` with
 `chunked_causal_lm_loss_fn` under the run's autocast (packed rows go through
@@ -159,8 +165,9 @@ def trainable_copy(base, args: argparse.Namespace, dev: torch.device, compute: t
 
     seed_everything(args.seed)  # same LoRA init in both modes
     model = copy.deepcopy(base).to(dev)
+    lora = LoraConfig() if args.lora_dropout is None else LoraConfig(dropout=args.lora_dropout)
     run = types.SimpleNamespace(
-        method=args.method, lora=LoraConfig(), qlora=QloraConfig(), freeze=FreezeConfig()
+        method=args.method, lora=lora, qlora=QloraConfig(), freeze=FreezeConfig()
     )
     apply_method(model, run, compute)
     if args.kernels == "none":
@@ -217,6 +224,11 @@ def train_mode(model, source, args, dev: torch.device, precision: str) -> dict[s
                 "warmup": i < args.warmup,
             }
         )
+    return summarize(steps, dev)
+
+
+def summarize(steps: list[dict[str, Any]], dev: torch.device) -> dict[str, Any]:
+    """Rates over the timed (non-warm-up) steps, and the run's peak memory."""
     timed = [s for s in steps if not s["warmup"]]
     total_s = sum(s["s"] for s in timed)
     real = sum(s["real"] for s in timed)
@@ -239,6 +251,63 @@ def train_mode(model, source, args, dev: torch.device, precision: str) -> dict[s
         out["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     return out
+
+
+def hf_trainee(model, args: argparse.Namespace):
+    """transformers + peft holding `model`'s base and adapter weights (LoRA only)."""
+    from serve_throughput import hf_peft_model
+
+    from llamaforge.config import LoraConfig
+
+    if args.method != "lora":
+        raise SystemExit("--modes hf: LoRA only (transformers + peft, as hf_quality.py)")
+    lo = LoraConfig() if args.lora_dropout is None else LoraConfig(dropout=args.lora_dropout)
+    if lo.alpha != 2 * lo.r:
+        raise SystemExit(f"hf mode copies LoRA r{lo.r} alpha {2 * lo.r}; the config has {lo.alpha}")
+    hf = hf_peft_model(model, ["default"], lo.r, dropout=lo.dropout)
+    if args.checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.enable_input_require_grads()
+    return hf.train()
+
+
+def train_hf(model, source, args, dev: torch.device, precision: str) -> dict[str, Any]:
+    """The hf mode's steps: forward with labels, backward, clip, AdamW; timed as train_mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=args.lr or LR[args.method], weight_decay=0.0, fused=dev.type == "cuda"
+    )
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    steps = []
+    for i in range(args.warmup + args.steps):
+        batch = next(source)
+        ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
+        lens = batch["seq_lens"]
+        mask = (torch.arange(ids.shape[1])[None] < lens[:, None]).long().to(dev)
+        synchronize(dev)
+        start = time.perf_counter()
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        synchronize(dev)
+        steps.append(
+            {
+                "s": time.perf_counter() - start,
+                "rows": int(ids.shape[0]),
+                "computed": int(ids.numel()),
+                "real": int(lens.sum()),
+                "labels": int((labels[:, 1:] != -100).sum()),
+                "loss": float(loss),
+                "warmup": i < args.warmup,
+            }
+        )
+    return summarize(steps, dev)
 
 
 # ----------------------------------------------------------------------------- report
@@ -282,9 +351,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
         ]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    ratio = report.get("ratio_packed_over_padded")
-    if ratio:
-        lines += ["", f"packed / padded real tokens/s: {ratio:.2f}x"]
+    for key, what in (
+        ("ratio_packed_over_padded", "packed / padded"),
+        ("ratio_packed_over_hf", "packed / hf"),
+        ("ratio_padded_over_hf", "padded / hf"),
+    ):
+        if report.get(key):
+            lines += ["", f"{what} real tokens/s: {report[key]:.2f}x"]
     return "\n".join(lines)
 
 
@@ -313,7 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--group-by-length", action="store_true", help="padded batches grouped by length"
     )
-    p.add_argument("--modes", default="padded,packed", help="comma list of padded, packed")
+    p.add_argument("--modes", default="padded,packed", help="comma list of padded, packed, hf")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: the recipe's)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--cache-dir", help="tokenized-data cache (default: llamaforge's)")
     p.add_argument("--no-cache", action="store_true", help="tokenize afresh, write no cache")
@@ -327,8 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     modes = [m for m in args.modes.split(",") if m]
-    if not modes or any(m not in ("padded", "packed") for m in modes):
-        raise SystemExit(f"--modes {args.modes!r}: use padded and/or packed")
+    if not modes or any(m not in ("padded", "packed", "hf") for m in modes):
+        raise SystemExit(f"--modes {args.modes!r}: use padded, packed and/or hf")
     args.modes = modes
     return args
 
@@ -360,12 +434,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     row_stats = length_stats([len(r["input_ids"]) for r in packed])
     packed_bs = args.packed_bs or max(1, round(args.bs * ex_stats["mean"] / row_stats["mean"]))
     pad = tok.pad_id if tok.pad_id is not None else 0
-    sources = {
-        "padded": BatchSource(
+
+    def source(mode: str) -> BatchSource:  # hf reads the padded mode's batches, afresh
+        if mode == "packed":
+            return BatchSource(packed, packed_bs, pad_id=pad, seed=args.seed)
+        return BatchSource(
             examples, args.bs, pad_id=pad, seed=args.seed, group_by_length=args.group_by_length
-        ),
-        "packed": BatchSource(packed, packed_bs, pad_id=pad, seed=args.seed),
-    }
+        )
+
     log(f"loading {args.model} ...")
     base = base_model(args, tok, base_dtype(args.method, precision))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
@@ -373,10 +449,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mode in args.modes:
         log(f"training {mode} ({args.warmup} + {args.steps} steps) ...")
         try:
-            model = trainable_copy(base, args, dev, compute)
-            results[mode] = train_mode(model, sources[mode], args, dev, precision)
-            results[mode]["batch_size"] = sources[mode].batch_size
-            results[mode]["epoch_padding_fraction"] = epoch_padding(sources[mode])
+            model, src = trainable_copy(base, args, dev, compute), source(mode)
+            if mode == "hf":
+                model = hf_trainee(model, args)
+                results[mode] = train_hf(model, src, args, dev, precision)
+            else:
+                results[mode] = train_mode(model, src, args, dev, precision)
+            results[mode]["batch_size"] = src.batch_size
+            results[mode]["epoch_padding_fraction"] = epoch_padding(src)
         except torch.cuda.OutOfMemoryError:
             results[mode] = {"error": "out of memory"}
         model = None
@@ -388,6 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": {
             "model": args.model,
             "method": args.method,
+            "lora_dropout": args.lora_dropout,
             "precision": precision,
             "seq": args.seq,
             "padded_bs": args.bs,
@@ -409,9 +490,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "versions": versions("llamaforge"),
     }
-    ok = [results.get(m, {}).get("real_tokens_per_s") for m in ("packed", "padded")]
-    if all(ok):
-        report["ratio_packed_over_padded"] = ok[0] / ok[1]
+    rate = {m: results.get(m, {}).get("real_tokens_per_s") for m in ("packed", "padded", "hf")}
+    if rate["packed"] and rate["padded"]:
+        report["ratio_packed_over_padded"] = rate["packed"] / rate["padded"]
+    for m in ("packed", "padded"):
+        if rate[m] and rate["hf"]:
+            report[f"ratio_{m}_over_hf"] = rate[m] / rate["hf"]
     report["wall_s"] = time.perf_counter() - start
     print(markdown(report))
     if args.out:

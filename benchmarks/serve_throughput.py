@@ -214,7 +214,7 @@ def ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1e3, 2)
 
 
-def hf_peft_model(model, names: list[str], rank: int):
+def hf_peft_model(model, names: list[str], rank: int, dropout: float = 0.0):
     """transformers + peft with llamaforge's weights and `names` adapters (B copied too)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -231,7 +231,9 @@ def hf_peft_model(model, names: list[str], rank: int):
         )
     base = {ours_to_hf(k): v for k, v in model.state_dict().items() if "lora_" not in k}
     hf.load_state_dict(base, strict=False)
-    conf = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0)
+    conf = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=dropout
+    )
     peft_model = get_peft_model(hf, conf, adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, conf)

@@ -37,9 +37,12 @@ def _installed(dist: str) -> bool:
     reason="needs the bundled chitchat data and SmolLM2 tokenizer",
 )
 def test_real_lengths_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
     out = tmp_path / "real_lengths.json"
+    args = ["--tiny", "--modes", "padded,packed,hf", "--lora-dropout", "0"]
     report = _script("real_lengths").main(
-        ["--tiny", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+        [*args, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     )
     assert json.loads(out.read_text())["setup"]["seq"] == 512
     padded, packed = report["results"]["padded"], report["results"]["packed"]
@@ -50,6 +53,11 @@ def test_real_lengths_tiny(tmp_path):
     assert packed["epoch_padding_fraction"] < padded["epoch_padding_fraction"]
     assert report["data"]["packed_rows"]["tokens"] == report["data"]["examples"]["tokens"]
     assert report["ratio_packed_over_padded"] > 0
+    # transformers + peft on the padded batches, same weights and adapter init: same losses
+    hf = report["results"]["hf"]
+    assert [s["real"] for s in hf["steps"]] == [s["real"] for s in padded["steps"]]
+    ours, theirs = [s["loss"] for s in padded["steps"]], [s["loss"] for s in hf["steps"]]
+    assert ours == pytest.approx(theirs, abs=1e-4) and report["ratio_padded_over_hf"] > 0
 
 
 def test_same_math_tiny(tmp_path):
