@@ -186,6 +186,13 @@ def synchronize(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def fresh_peak(dev: torch.device) -> None:
+    """Peak memory counts from here (each mode's own)."""
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def train_mode(model, source, args, dev: torch.device, precision: str) -> dict[str, Any]:
     """warmup + steps optimizer steps of the training loop's own pieces; timed after warm-up."""
     from llamaforge.config import OptimConfig
@@ -197,9 +204,7 @@ def train_mode(model, source, args, dev: torch.device, precision: str) -> dict[s
     opt = build_optimizer(model, optim)
     sched = build_scheduler(opt, optim, args.warmup + args.steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    fresh_peak(dev)
     steps = []
     for i in range(args.warmup + args.steps):
         batch = next(source)
@@ -278,9 +283,7 @@ def train_hf(model, source, args, dev: torch.device, precision: str) -> dict[str
         params, lr=args.lr or LR[args.method], weight_decay=0.0, fused=dev.type == "cuda"
     )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    fresh_peak(dev)
     steps = []
     for i in range(args.warmup + args.steps):
         batch = next(source)
