@@ -278,6 +278,14 @@ def test_gathered_lora_equals_row_adapters_and_leaves_training_path_alone():
     with torch.no_grad():
         hidden = engine._forward(rows, x.tolist(), [9] * 5)
         torch.testing.assert_close(model.lm_head(hidden), ref, atol=1e-5, rtol=0)
+    # q/k/v and gate/up read one input: each group's A lives in one shared buffer
+    stacks = engine.stacks.stacks
+    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        parent = "layers.0.self_attn" if group[0] == "q_proj" else "layers.0.mlp"
+        shared = {stacks[f"{parent}.{n}"].shared[0] for n in group}
+        assert len(shared) == 1 and shared.pop().members == len(group)
+    assert stacks["layers.0.self_attn.o_proj"].shared is None
+    assert not any(g._h is not None for g in engine.stacks.selection.groups)  # forgotten
     # outside an engine forward the LoRA layers run as before (training uses this path)
     set_adapter(model, "b")
     model.train()

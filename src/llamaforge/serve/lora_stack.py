@@ -14,6 +14,12 @@ cost grows with the number of loaded slots (each step reads every loaded adapter
 the base weights), not with the number of rows. The columns read are those up to the highest
 loaded slot, fixed between loads, so a row's arithmetic does not depend on its neighbours.
 
+Layers that read the same input (q/k/v of an attention, gate/up of an MLP) share one
+`SharedShrink`: their A blocks live in one buffer, column-major over the members, so the
+first member's call computes x A^T and the mask for all of them in one matmul and one
+multiply, and the others take their slice (at one decode row that is 15 launches a layer
+instead of 21).
+
 `Selection` is the one object the engine sets per forward (the rows' column mask); every
 `SlotStack` reads it. Outside an engine forward it is empty and the layers run as before.
 """
@@ -25,6 +31,8 @@ from torch import nn
 
 from ..adapters.lora import LoRALinear, lora_modules
 
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 
 class Selection:
     """Per-forward row -> adapter column mask shared by every stacked layer."""
@@ -34,6 +42,7 @@ class Selection:
         self.mask: torch.Tensor | None = None  # (B, 1, cols) during a forward with adapters
         self.base_only = False  # during a forward where no row uses an adapter
         self.cols = 0  # columns in use: (highest loaded slot + 1) * max_rank
+        self.groups: list[SharedShrink] = []  # their cached projections end with the forward
 
     @property
     def running(self) -> bool:
@@ -53,16 +62,61 @@ class Selection:
     def clear(self) -> None:
         """End of the forward: layers go back to their own adapters."""
         self.mask, self.base_only = None, False
+        for group in self.groups:
+            group.forget()
+
+
+class SharedShrink:
+    """The masked x A^T of M layers that read the same input, in one matmul.
+
+    A is (cols, M, in): row block j holds every member's column j, so the columns in use
+    are one contiguous prefix for all members. `shrink(x, m)` computes all members' masked
+    projections on the first call with a new `x` (kept until the forward ends) and returns
+    member m's (..., cols) slice.
+    """
+
+    def __init__(self, members: int, in_features: int, selection: Selection,
+                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+        cols = selection.max_loras * selection.max_rank
+        self.selection, self.members = selection, members
+        self.a = torch.zeros(cols, members, in_features, dtype=dtype, device=device)
+        self._x: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None  # (M, ..., cols)
+        selection.groups.append(self)
+
+    def member_a(self, m: int) -> torch.Tensor:
+        """Member m's A (cols, in): a view into the shared buffer."""
+        return self.a[:, m]
+
+    def shrink(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """Member m's (x A_m^T) * mask, (..., cols in use)."""
+        if x is not self._x or self._h is None:
+            sel, c, n = self.selection, self.selection.cols, self.members
+            flat = x.reshape(-1, x.shape[-1]).to(self.a.dtype)  # (N, in)
+            h = torch.matmul(flat, self.a[:c].reshape(c * n, -1).T)  # (N, c*M), column-major
+            h = h.view(*x.shape[:-1], c, n).movedim(-1, 0)  # (M, ..., c) view
+            out = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # member-major
+            self._h = torch.mul(h, sel.mask, out=out)
+            self._x = x
+        return self._h[m]
+
+    def forget(self) -> None:
+        """Drop the cached input and projections (end of a forward)."""
+        self._x = self._h = None
 
 
 class SlotStack:
     """Gathered adapter weights of one LoRALinear (installed as its `gathered`)."""
 
-    def __init__(self, layer: LoRALinear, selection: Selection, dtype: torch.dtype) -> None:
+    def __init__(self, layer: LoRALinear, selection: Selection, dtype: torch.dtype,
+                 shared: tuple[SharedShrink, int] | None = None) -> None:  # fmt: skip
         cols = selection.max_loras * selection.max_rank
         dev = layer.device
-        self.selection = selection
-        self.a = torch.zeros(cols, layer.in_features, dtype=dtype, device=dev)  # (cols, in)
+        self.selection, self.shared = selection, shared
+        if shared is None:
+            self.a = torch.zeros(cols, layer.in_features, dtype=dtype, device=dev)  # (cols, in)
+        else:
+            self.a = shared[0].member_a(shared[1])
         self.bt = torch.zeros(cols, layer.out_features, dtype=dtype, device=dev)  # (cols, out)
 
     @property
@@ -76,7 +130,10 @@ class SlotStack:
         if sel.mask is None:
             return y
         c = sel.cols
-        h = torch.matmul(x.to(self.a.dtype), self.a[:c].T).mul_(sel.mask)  # (B, T, cols)
+        if self.shared is not None:
+            h = self.shared[0].shrink(x, self.shared[1])  # (B, T, cols)
+        else:
+            h = torch.matmul(x.to(self.a.dtype), self.a[:c].T).mul_(sel.mask)  # (B, T, cols)
         if y.dtype != self.bt.dtype:
             return y + torch.matmul(h, self.bt[:c]).to(y.dtype)
         # y + h @ B^T in one matmul-with-add (3 kernels per layer in all)
@@ -109,15 +166,45 @@ class AdapterStacks:
         self.selection = Selection(max_loras, max_rank)
         self.stacks: dict[str, SlotStack] = {}
         self.slots: dict[str, int] = {}
+        # "<parent>:<first name>" -> shared shrink and its member names (None: no group)
+        self._groups: dict[str, tuple[SharedShrink, list[str]] | None] = {}
 
     def _stack(self, module_name: str, layer: LoRALinear) -> SlotStack:
         stack = self.stacks.get(module_name)
         if stack is None:
-            stack = self.stacks[module_name] = SlotStack(layer, self.selection, self.dtype)
+            shared = self._shared(module_name)
+            stack = SlotStack(layer, self.selection, self.dtype, shared)
+            self.stacks[module_name] = stack
             for name, slot in self.slots.items():  # a layer new to the stacks: copy old ones
                 stack.write(slot, layer, name)
             layer.gathered = stack
         return stack
+
+    def _shared(self, module_name: str) -> tuple[SharedShrink, int] | None:
+        """The shared shrink of a layer with LoRA siblings on the same input, and its index.
+
+        Formed when the first of them is stacked, from the LoRA layers the model has then; a
+        sibling that appears later (an adapter with more targets) is stacked alone.
+        """
+        parent, _, leaf = module_name.rpartition(".")
+        names = next((g for g in SHARED_INPUT if leaf in g), ())
+        if not names:
+            return None
+        key = f"{parent}:{names[0]}"
+        if key not in self._groups:
+            layers = dict(lora_modules(self.model))
+            members = [n for n in names if f"{parent}.{n}" in layers]
+            sizes = {layers[f"{parent}.{n}"].in_features for n in members}
+            self._groups[key] = None
+            if len(members) >= 2 and len(sizes) == 1:
+                first = layers[f"{parent}.{members[0]}"]
+                group = SharedShrink(len(members), first.in_features, self.selection,
+                                     self.dtype, first.device)  # fmt: skip
+                self._groups[key] = (group, members)
+        entry = self._groups[key]
+        if entry is None or leaf not in entry[1]:
+            return None
+        return entry[0], entry[1].index(leaf)
 
     def add(self, name: str) -> int:
         """Copy adapter `name` (already in the model's LoRA layers) into a free slot."""
@@ -163,3 +250,5 @@ class AdapterStacks:
             if isinstance(layer.gathered, SlotStack) and layer.gathered.selection is self.selection:
                 layer.gathered = None
         self.stacks.clear()
+        self._groups.clear()
+        self.selection.groups.clear()
