@@ -105,7 +105,14 @@ def test_fused_optimizer_steps_match_the_reference_within_rounding(monkeypatch):
         for p, opt in zip((fused, ref), opts, strict=True):
             p.grad = g.clone()
             opt.step()
-    # both round stochastically: a few ulps apart at most after three steps
-    ulp = ref.detach().float().abs() * 2**-7
-    assert ((fused.detach().float() - ref.detach().float()).abs() <= 4 * ulp + 1e-4).all()
+    # Both round weights and moments stochastically, from independent random bits: each step
+    # leaves them up to an ulp apart at the magnitudes the weight passes through (it moves by
+    # up to lr a step), and the moments' rounding moves an update by up to 2^-8 of lr.
+    # (Two reference runs with different seeds: at most 0.73 of this bound over 100 seeds.)
+    lr, start = HP["lr"], w.float().abs()
+    tol = 4 * (start + 3 * lr) * 2**-7 + 3 * lr * 2**-6
+    got, want = fused.detach().float(), ref.detach().float()
+    assert ((got - want).abs() <= tol).all()
+    # and unbiased: truncation toward zero would shrink magnitudes by ~half an ulp (~3e-3)
+    assert abs(float((got.abs() - want.abs()).mean())) < 6e-4  # two seeds: sd 1.1e-4
     assert float(opts[0].state[fused]["step"]) == 3.0
