@@ -3,7 +3,9 @@
 Each op is captured 50 times in one CUDA graph and replayed (no launch cost, as in the
 engine's graph decode): the projection GEMVs at 1 and 8 rows through cuBLAS, fused q/k/v and
 gate/up shapes, a plain Triton GEMV over 24 tilings, the engine's LoRA delta of one
-projection, and one-query attention through each SDPA backend and as two matmuls.
+projection, and one-query attention through SDPA backends and as two matmuls (scores as
+q @ K^T or as (K @ q^T)^T), on keys sliced from a slot pool as the engine holds them and on
+contiguous copies.
 
     python benchmarks/decode_pieces.py decode_pieces.json      # CUDA + Triton only
 """
@@ -130,37 +132,56 @@ def lora_us(n: int, k: int) -> float:
     return graph_us(delta)
 
 
-def attention_row(rows: int, width: int = 768, seen: int = 640) -> dict:
-    """One query per row as graphs.StaticDecode attends: (B, K, rep, D) against (B, K, W, D)."""
+def attention_row(rows: int, width: int = 768, seen: int = 640, max_len: int = 4096) -> dict:
+    """One query per row as graphs.StaticDecode attends: (B, K, rep, D) against (B, K, W, D).
+
+    Keys and values are slices of a slot pool (rows + 1 slots of `max_len` positions), as in
+    the engine: their row stride is the pool's, not the width's (`pool_*`), beside the same
+    shapes in contiguous tensors (`contiguous_*`). The matmul variants compute the scores
+    as q @ K^T (`matmuls`) or as (K @ q^T)^T (`keys_first`).
+    """
     q = torch.randn(rows, 8, 4, 128, device=DEV, dtype=DT)
-    keys = torch.randn(rows, 8, width, 128, device=DEV, dtype=DT)
-    values = torch.randn_like(keys)
+    pool_k = torch.randn(rows + 1, 8, max_len, 128, device=DEV, dtype=DT)
+    pool_v = torch.randn_like(pool_k)
+    layouts = {
+        "pool": (pool_k[:rows, :, :width], pool_v[:rows, :, :width]),
+        "contiguous": (
+            pool_k[:rows, :, :width].contiguous(),
+            pool_v[:rows, :, :width].contiguous(),
+        ),
+    }
     allowed = torch.zeros(rows, 1, 4, width, device=DEV, dtype=torch.bool)
     allowed[..., :seen] = True
     bias = torch.zeros(rows, 1, 1, width, device=DEV)
     bias[..., seen:] = float("-inf")
     out: dict = {}
+    for layout, (keys, values) in layouts.items():
 
-    def sdpa(backend: SDPBackend):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        def sdpa(backend: SDPBackend, keys=keys, values=values):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
 
-    for name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
-        try:
-            out[f"sdpa_{name}_us"] = round(
-                graph_us(functools.partial(sdpa, getattr(SDPBackend, name))), 1
-            )
-        except Exception as e:  # a backend this build or GPU lacks
-            out[f"sdpa_{name}_us"] = str(e)[:80]
+        for name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            try:
+                out[f"{layout}_sdpa_{name}_us"] = round(
+                    graph_us(functools.partial(sdpa, getattr(SDPBackend, name))), 1
+                )
+            except Exception as e:  # a backend this build or GPU lacks
+                out[f"{layout}_sdpa_{name}_us"] = str(e)[:80]
 
-    def two_matmuls():
-        s = torch.matmul(q, keys.transpose(-1, -2)).float()
-        p = torch.softmax(s.mul_(128**-0.5).add_(bias), -1).to(DT)
-        return torch.matmul(p, values)
+        def two_matmuls(keys_first: bool, keys=keys, values=values):
+            if keys_first:
+                s = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2).float()
+            else:
+                s = torch.matmul(q, keys.transpose(-1, -2)).float()
+            p = torch.softmax(s.mul_(128**-0.5).add_(bias), -1).to(DT)
+            return torch.matmul(p, values)
 
-    out["matmuls_us"] = round(graph_us(two_matmuls), 1)
-    ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-    out["matmuls_max_err"] = (two_matmuls().float() - ref.float()).abs().max().item()
+        ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed).float()
+        for name, kf in (("matmuls", False), ("keys_first", True)):
+            fn = functools.partial(two_matmuls, kf)
+            out[f"{layout}_{name}_us"] = round(graph_us(fn), 1)
+            out[f"{layout}_{name}_max_err"] = (fn().float() - ref).abs().max().item()
     return out
 
 
