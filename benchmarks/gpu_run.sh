@@ -2,7 +2,8 @@
 # GPU sessions, one part per device command (each well inside 10 minutes), from the repo root:
 #   bash benchmarks/gpu_run.sh OUT_DIR PART
 # PART is
-#   tests   kernel and long-context tests on the GPU
+#   tests   kernel, long-context, memory-plan and serving tests on the GPU (the gguf package
+#           importable: the CLI runs in the memory-plan tests)
 #   side    side by side with every peer: lora8b, then full1b (batch 4)
 #   qlora   side by side on qlora8b, then the 8B LoRA sequence sweep (batch 1) and a profile
 #   long    the longest batch-1 sequences under an 80 GB cap, activations offloaded
@@ -14,6 +15,13 @@
 #   adamw   bf16 + stochastic-rounding AdamW vs fp32 masters vs a second seed, 500 steps of
 #           SmolLM2 full SFT on chitchat (needs MODEL=path/to/SmolLM2.gguf and the
 #           chitchat-dataset wheel on PYTHONPATH)
+#   decode  batch-1 decode: the step's pieces alone (decode_pieces.py), then the engine at
+#           1/8/64 concurrent over 1 and 16 adapters and a batch-1 profile
+#   quality_hf    issue 16 item 6, the peer: transformers + peft at llamaforge's settings
+#           (LR=1e-3 EPOCHS=3 HF_QUALITY=path/to/hf_quality.py MODEL=... DATA=dataset.json;
+#           ../shared does not travel to the device: copy the script into the carried tree)
+#   quality_ours  the same task with llamaforge's LoRA recipe (MODEL=...); run both parts in
+#           one lease and put them in one table
 # Baselines need their packages importable (BASELINES.md: wheels on PYTHONPATH); a missing
 # one is reported as skipped. Every benchmark has its own time limit so one slow part cannot
 # eat the others' time. Random models for the from-disk stacks are kept in /tmp between parts.
@@ -38,7 +46,8 @@ tests)
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_basic.py \
     tests/test_kernels_ce.py tests/test_kernels_nf4.py tests/test_kernels_dispatch.py \
-    tests/test_long_context.py tests/test_kernels_adamw.py 2>&1 | tail -25 | tee "$out/tests.log"
+    tests/test_long_context.py tests/test_kernels_adamw.py tests/test_memory_plan.py \
+    tests/test_serve_graphs.py tests/test_serve_engine.py 2>&1 | tail -25 | tee "$out/tests.log"
   ;;
 side)
   tp throughput_lora8b 290 --workload lora8b --stacks llamaforge,hf,hf-liger,unsloth \
@@ -85,12 +94,39 @@ adamw)
   echo "== optimizer_curve (exit $?)"
   tail -3 "$out/optimizer_curve.log"
   ;;
+decode)
+  timeout 150 python3 benchmarks/decode_pieces.py "$out/decode_pieces.json" >"$out/decode_pieces.log" 2>&1
+  echo "== decode_pieces (exit $?)"
+  grep -A40 '"attention"' "$out/decode_pieces.json" | head -60
+  timeout 150 python3 benchmarks/serve_throughput.py --preset llama3.1-8b --stacks llamaforge \
+    --concurrency 1,8,64 --adapters 1,16 --out "$out/serve_8b.json" >"$out/serve.log" 2>&1
+  echo "== serve (exit $?)"
+  grep "^| \|bound" "$out/serve.log"
+  timeout 60 python3 benchmarks/serve_throughput.py --preset llama3.1-8b --stacks llamaforge \
+    --concurrency 1 --adapters 1 --profile-at 1,1 >"$out/serve_profile.log" 2>&1
+  echo "== serve profile (exit $?)"
+  ;;
+quality_hf)
+  SECONDS=0
+  LR=${LR:-1e-3} EPOCHS=${EPOCHS:-3} timeout 560 python3 "${HF_QUALITY:?set HF_QUALITY}" \
+    "${MODEL:?set MODEL}" "${DATA:?set DATA}" >"$out/quality_hf.log" 2>&1
+  echo "== quality_hf (exit $?, ${SECONDS}s)"
+  tail -5 "$out/quality_hf.log"
+  ;;
+quality_ours)
+  SECONDS=0
+  timeout 560 python3 benchmarks/quality.py --model "${MODEL:?set MODEL}" --methods lora \
+    --runs /tmp/quality --out "$out/quality_lora.json" >"$out/quality_ours.log" 2>&1
+  echo "== quality_ours (exit $?, ${SECONDS}s)"
+  tail -5 "$out/quality_ours.log"
+  ;;
 long350)
   tp longest350_qlora8b 560 --workload qlora8b --stacks llamaforge-offload --seqs 350000 \
     --steps 1 --warmup 0 --mem-cap-gib 79
   ;;
 *)
-  echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw)" >&2
+  echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw, decode," \
+    "quality_hf, quality_ours)" >&2
   exit 2
   ;;
 esac
