@@ -191,6 +191,11 @@ def run_llamaforge(model, prompts, names, args, profile: bool, graphs: str) -> d
     res["pool_gb"] = round(engine.pool.nbytes() / 2**30, 2)
     res["graphs"] = graphs
     res["graphs_captured"] = engine.runner.captured if engine.runner is not None else 0
+    if engine.runner is not None and engine.runner.attention:  # timed per captured bucket
+        res["attention"] = {
+            f"{rows}x{width}": {"chosen": name, "us": {k: round(v, 1) for k, v in t.items()}}
+            for (rows, width), (name, t) in engine.runner.attention.items()
+        }
     res["outputs"] = [r.output for r in reqs]
     if prof_table is not None:
         res["profile"] = prof_table

@@ -17,11 +17,13 @@ def test_row_buckets():
     assert row_bucket(5, 6) == 6 and row_bucket(70, 70) == 70  # capped by the engine's rows
 
 
-@pytest.mark.parametrize("matmul_rows", [8, 2])  # 2: the 4- and 6-row buckets take SDPA
-def test_static_decode_equals_plain_path_over_adapters_and_widths(monkeypatch, matmul_rows):
-    """Rows of many lengths (several width buckets), 4 adapters and the base, staggered."""
+@pytest.mark.parametrize("attention", [None, *graphs_mod.ATTENTION])  # None: the rule
+def test_static_decode_equals_plain_path_over_adapters_and_widths(monkeypatch, attention):
+    """Rows of many lengths (several width buckets), 4 adapters and the base, staggered;
+    every bucket through the rule's attention or through one variant."""
     monkeypatch.setattr(graphs_mod, "WIDTH_STEP", 8)
-    monkeypatch.setattr(graphs_mod, "MATMUL_ROWS", matmul_rows)
+    if attention is not None:
+        monkeypatch.setattr(graphs_mod, "default_attention", lambda rows: attention)
     model = with_adapters()
     ps = prompts(11, seed=4, lo=2, hi=45)
     names = [(None, *ADAPTERS)[i % 5] for i in range(11)]
@@ -60,7 +62,10 @@ def test_graph_mode_is_checked():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_replays_equal_eager_static_runs(dtype):
+def test_cuda_graph_replays_equal_eager_static_runs(dtype, monkeypatch):
+    # the same kernels in both: captured buckets take the eager rule's attention here
+    rule = lambda static, *a, **k: (graphs_mod.default_attention(static.rows), {})  # noqa: E731
+    monkeypatch.setattr(graphs_mod, "fastest_attention", rule)
     model = with_adapters().to("cuda", dtype)
     ps = prompts(9, seed=6, hi=60)
     names = [(None, *ADAPTERS)[i % 5] for i in range(9)]
@@ -74,3 +79,20 @@ def test_cuda_graph_replays_equal_eager_static_runs(dtype):
     assert out["cuda"] == out["static"]  # the same kernels, replayed
     if dtype == torch.float32:
         assert out["cuda"] == out["off"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_buckets_time_every_attention_and_keep_the_plain_results():
+    model = with_adapters().to("cuda")
+    ps = prompts(9, seed=7, hi=60)
+    names = [(None, *ADAPTERS)[i % 5] for i in range(9)]
+    params = SamplingParams(max_new_tokens=16)
+    engine = Engine(model, max_batch=8, max_len=96, prefill_chunk=16, graphs="cuda")
+    got = engine.generate(ps, params, names)
+    chosen = engine.runner.attention
+    assert chosen and all(
+        name in graphs_mod.ATTENTION and set(times) == set(graphs_mod.ATTENTION)
+        for name, times in chosen.values()
+    )
+    plain = Engine(model, max_batch=8, max_len=96, prefill_chunk=16, graphs="off")
+    assert got == plain.generate(ps, params, names)  # fp32: whichever variant, same tokens

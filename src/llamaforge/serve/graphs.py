@@ -30,11 +30,23 @@ from .lora_stack import Selection
 
 ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WIDTH_STEP = 256
-# Up to this many rows a bucket attends with two matmuls and a float32 softmax; above it
-# with SDPA. H200, 8B shapes: one row 17 vs 35 us a layer, eight 21 vs 36 (pieces alone,
-# benchmarks/decode_pieces.py), but at 64 rows reading the pool's strided keys the matmuls
-# took 280 us a layer in the engine (profile of 2026-12-03) against SDPA's ~105.
-MATMUL_ROWS = 8
+# How a bucket attends its one query per row:
+# - "sdpa": scaled_dot_product_attention with the additive mask;
+# - "matmuls": scores q @ K^T, float32 softmax, probabilities @ V;
+# - "keys_first": the same with the scores as (K @ q^T)^T, a GEMV-shaped product over the keys.
+# Which is fastest depends on rows, width and GPU: H200, 8B shapes, the matmuls took 17 vs
+# 35 us a layer at one row in the pieces alone (benchmarks/decode_pieces.py), but 280 us
+# against SDPA's ~105 at 64 rows in the engine, on the pool's strided keys (profile of
+# 2026-12-03), where q @ K^T alone took 22.5 us a layer at one row. Captured buckets time
+# the three on the device once and keep the fastest (`fastest_attention`); eager static
+# runs (and the CPU) take the rule below.
+ATTENTION = ("sdpa", "matmuls", "keys_first")
+MATMUL_ROWS = 8  # the rule: matmuls up to this many rows, sdpa above
+
+
+def default_attention(rows: int) -> str:
+    """The attention of an untimed bucket."""
+    return "matmuls" if rows <= MATMUL_ROWS else "sdpa"
 
 
 def row_bucket(n: int, max_batch: int) -> int:
@@ -46,9 +58,10 @@ class StaticDecode:
     """One bucket's inputs (the model forward's `cache` argument): B rows, width W.
 
     ids/positions (B, 1); write_slot/write_pos (B,) where each row's new key/value goes;
-    mask (B, 1, 1, W): the keys each row sees, as a float32 additive bias (0 or -inf) in
-    buckets of up to MATMUL_ROWS rows, else as booleans for SDPA; lora_mask (B, 1, cols)
-    or None: the adapter columns of each row (see `lora_stack.Selection`).
+    bias (B, 1, 1, W) in the model's dtype: 0 on the keys each row sees, -inf past its
+    position (additive, for every variant in ATTENTION); lora_mask (B, 1, cols) or None:
+    the adapter columns of each row (see `lora_stack.Selection`). `attention` names the
+    variant this bucket runs.
     """
 
     length = 0  # Llama.hidden_states advances this; positions are given explicitly
@@ -61,13 +74,9 @@ class StaticDecode:
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.write_slot = torch.full((rows,), self.scratch, dtype=torch.long, device=dev)
         self.write_pos = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.matmuls = rows <= MATMUL_ROWS
-        if self.matmuls:  # additive score bias: 0 for the keys a row sees, -inf past it
-            self.mask = torch.full((rows, 1, 1, width), float("-inf"), device=dev)
-            self.mask[..., 0] = 0.0
-        else:
-            self.mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=dev)
-            self.mask[..., 0] = True
+        self.attention = default_attention(rows)
+        self.bias = torch.full((rows, 1, 1, width), float("-inf"), dtype=dtype, device=dev)
+        self.bias[..., 0] = 0.0
         self.lora_mask = torch.zeros(rows, 1, cols, dtype=dtype, device=dev) if cols else None
         self._keys = torch.arange(width)
 
@@ -86,9 +95,8 @@ class StaticDecode:
         self.write_slot.copy_(slot, non_blocking=True)
         self.write_pos.copy_(pos, non_blocking=True)
         seen = self._keys[None, :] <= pos[:, None]
-        if self.matmuls:
-            seen = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))
-        self.mask.copy_(seen[:, None, None], non_blocking=True)
+        bias = torch.zeros(seen.shape, dtype=self.bias.dtype).masked_fill_(~seen, float("-inf"))
+        self.bias.copy_(bias[:, None, None], non_blocking=True)
         if self.lora_mask is not None:
             want = torch.tensor([-1 if s is None else s for s in lora_slots] + [-1] * (b - n))
             cols = torch.arange(self.cols) // rank
@@ -104,13 +112,53 @@ class StaticDecode:
         pv[self.write_slot, :, self.write_pos] = v[:, :, 0]
         keys, values = pk[:b, :, : self.width], pv[:b, :, : self.width]
         q = q.reshape(b, n_kv, h // n_kv, d)  # the query heads sharing a kv head, as queries
-        if self.matmuls:  # see MATMUL_ROWS
-            scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (B, K, rep, W)
-            scores.mul_(d**-0.5).add_(self.mask)
+        if self.attention == "sdpa":
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.bias)
+        else:  # see ATTENTION
+            if self.attention == "keys_first":
+                scores = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2).float()
+            else:
+                scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (B, K, rep, W)
+            scores.mul_(d**-0.5).add_(self.bias)
             out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
         return out.reshape(b, 1, h * d)
+
+
+def fastest_attention(
+    static: StaticDecode, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int = 8
+) -> tuple[str, dict[str, float]]:
+    """Time each ATTENTION variant of a fresh bucket on the GPU; (fastest, us per call).
+
+    Each variant is captured as a CUDA graph of `repeats` calls on layer 0 (the bucket's
+    rows write their keys to the scratch slot: no request's cache is touched) and replayed;
+    the median of 5 replays counts. q (B, H, 1, D), k and v (B, K, 1, D) are stand-ins of
+    the model's shapes.
+    """
+    times: dict[str, float] = {}
+    was = static.attention
+    for name in ATTENTION:
+        static.attention = name
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            static.attend(0, q, k, v)  # warm up (kernel selection) outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeats):
+                static.attend(0, q, k, v)
+        spans = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            spans.append(start.elapsed_time(end) * 1000 / repeats)
+        times[name] = sorted(spans)[2]
+        del graph
+    static.attention = was
+    return min(times, key=times.__getitem__), times
 
 
 @dataclass
@@ -136,6 +184,8 @@ class DecodeRunner:
         self.model, self.pool, self.selection = model, pool, selection
         self.max_batch, self.max_len, self.capture = max_batch, max_len, capture
         self._entries: dict[tuple[int, int, int], _Entry] = {}
+        # (rows, width) -> the attention variant captured buckets run and each one's time (us)
+        self.attention: dict[tuple[int, int], tuple[str, dict[str, float]]] = {}
         self._pool_handle = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0  # graphs captured so far (a test and the benchmark read it)
 
@@ -162,8 +212,19 @@ class DecodeRunner:
             static = StaticDecode(self.pool, rows, width, cols, self.model.dtype)
             entry = self._entries[key] = _Entry(static)
             if self.capture:
+                static.attention = self._attention(static)
                 self._capture(entry)
         return entry
+
+    def _attention(self, static: StaticDecode) -> str:
+        """The fastest attention variant for the bucket's (rows, width), timed once."""
+        key = (static.rows, static.width)
+        if key not in self.attention:
+            cfg, dev, dt = self.model.cfg, self.pool.device, self.model.dtype
+            q = torch.randn(static.rows, cfg.n_heads, 1, cfg.head_dim, device=dev, dtype=dt)
+            k = torch.randn(static.rows, cfg.n_kv_heads, 1, cfg.head_dim, device=dev, dtype=dt)
+            self.attention[key] = fastest_attention(static, q, k, torch.randn_like(k))
+        return self.attention[key][0]
 
     def _forward(self, st: StaticDecode) -> torch.Tensor:
         sel = self.selection
