@@ -19,6 +19,7 @@ replays with eager runs there).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -223,7 +224,12 @@ class DecodeRunner:
             cfg, dev, dt = self.model.cfg, self.pool.device, self.model.dtype
             q = torch.randn(static.rows, cfg.n_heads, 1, cfg.head_dim, device=dev, dtype=dt)
             k = torch.randn(static.rows, cfg.n_kv_heads, 1, cfg.head_dim, device=dev, dtype=dt)
-            self.attention[key] = fastest_attention(static, q, k, torch.randn_like(k))
+            try:
+                self.attention[key] = fastest_attention(static, q, k, torch.randn_like(k))
+            except RuntimeError as e:  # a speed choice only: serve with the rule, say why
+                msg = f"timing decode attention failed ({e}); using the default rule"
+                warnings.warn(msg, stacklevel=2)
+                self.attention[key] = (default_attention(static.rows), {})
         return self.attention[key][0]
 
     def _forward(self, st: StaticDecode) -> torch.Tensor:
