@@ -196,6 +196,10 @@ def run_llamaforge(model, prompts, names, args, profile: bool, graphs: str) -> d
             f"{rows}x{width}": {"chosen": name, "us": {k: round(v, 1) for k, v in t.items()}}
             for (rows, width), (name, t) in engine.runner.attention.items()
         }
+    if engine.runner is not None and engine.runner.gemv:  # one-row buckets: ms a replay
+        res["one_row_gemv_ms"] = {
+            f"{rows}x{width}x{cols}": t for (rows, width, cols), t in engine.runner.gemv.items()
+        }
     res["outputs"] = [r.output for r in reqs]
     if prof_table is not None:
         res["profile"] = prof_table

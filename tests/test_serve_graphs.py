@@ -41,6 +41,39 @@ def test_static_decode_equals_plain_path_over_adapters_and_widths(monkeypatch, a
     assert len(widths) > 3 and len(rows) > 2 and engine.runner.captured == 0
 
 
+def test_one_row_fused_gemv_equals_the_plain_path(monkeypatch):
+    """One-row buckets through kernels/gemv.py (Triton's interpreter here), over 4 adapters
+    and the base; captured buckets choose it by timing on a GPU, here it is forced on."""
+    pytest.importorskip("triton")
+    import importlib
+    import os
+
+    from llamaforge.kernels import gemv
+    from llamaforge.serve import lora_stack
+
+    if not torch.cuda.is_available():
+        monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+        importlib.reload(gemv)  # interpreted kernels (lora_stack's reference follows)
+    calls = []
+    real = lora_stack.gemv_lora_triton
+    monkeypatch.setattr(lora_stack, "gemv_lora_triton", lambda *a: calls.append(1) or real(*a))
+    init = graphs_mod.StaticDecode.__init__
+
+    def one_row_gemv(self, pool, rows, *args):
+        init(self, pool, rows, *args)
+        self.gemv = rows == 1
+
+    monkeypatch.setattr(graphs_mod.StaticDecode, "__init__", one_row_gemv)
+    model = with_adapters().to("cuda" if torch.cuda.is_available() else "cpu")
+    ps = prompts(3, seed=8, lo=2, hi=20)
+    names = [None, *ADAPTERS[:2]]
+    params = SamplingParams(max_new_tokens=4)
+    engine = Engine(model, max_batch=1, max_len=40, graphs="static")
+    got = [engine.generate([p], params, [n])[0] for p, n in zip(ps, names, strict=True)]
+    assert got == [solo_reference(model, p, params, n) for p, n in zip(ps, names, strict=True)]
+    assert len(calls) >= 3 * 3 * 7  # every projection of every decode step
+
+
 def test_static_decode_base_only_rows_and_scratch_slot_untouched():
     model = with_adapters()
     engine = Engine(model, max_batch=3, max_len=48, graphs="static")

@@ -69,8 +69,8 @@ class LoRALinear(nn.Module):
         self.disabled = False
         self._rows: list[tuple[str, torch.Tensor]] | None = None  # (adapter, row indices)
         self._batch = 0
-        # Serving: an object whose `delta(x)` is each row's own adapter delta from gathered
-        # weights (serve.lora_stack), or None when it is not running a batch; then as above.
+        # Serving: an object whose `forward(x, layer)` is the output with each row's own
+        # adapter delta from gathered weights (serve.lora_stack) while it runs a batch.
         self.gathered = None
 
     @property
@@ -159,10 +159,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out)."""
-        y = self.base_forward(x)
         gathered = self.gathered
-        if gathered is not None and gathered.running:
-            return gathered.add_delta(x, y)
+        if gathered is not None and gathered.running:  # an engine forward (serve/lora_stack)
+            return gathered.forward(x, self)
+        y = self.base_forward(x)
         if self.disabled or not self.lora_A:
             return y
         if self._rows is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import triton_available
 from ..model.llama import Llama
 from .kv import SlotPool
 from .lora_stack import Selection
@@ -76,6 +77,7 @@ class StaticDecode:
         self.write_slot = torch.full((rows,), self.scratch, dtype=torch.long, device=dev)
         self.write_pos = torch.zeros(rows, dtype=torch.long, device=dev)
         self.attention = default_attention(rows)
+        self.gemv = False  # one-row buckets: projections through kernels/gemv.py (timed)
         self.bias = torch.full((rows, 1, 1, width), float("-inf"), dtype=dtype, device=dev)
         self.bias[..., 0] = 0.0
         self.lora_mask = torch.zeros(rows, 1, cols, dtype=dtype, device=dev) if cols else None
@@ -187,6 +189,8 @@ class DecodeRunner:
         self._entries: dict[tuple[int, int, int], _Entry] = {}
         # (rows, width) -> the attention variant captured buckets run and each one's time (us)
         self.attention: dict[tuple[int, int], tuple[str, dict[str, float]]] = {}
+        # (rows, width, cols) of one-row buckets -> ms a replay without / with the fused GEMV
+        self.gemv: dict[tuple[int, int, int], dict[str, float]] = {}
         self._pool_handle = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0  # graphs captured so far (a test and the benchmark read it)
 
@@ -238,6 +242,7 @@ class DecodeRunner:
             sel.mask = st.lora_mask
         else:
             sel.base_only = True
+        sel.gemv = st.gemv
         try:
             hidden = self.model.hidden_states(st.ids, positions=st.positions, cache=st)
             return self.model.lm_head(hidden[:, 0]).float()
@@ -245,15 +250,52 @@ class DecodeRunner:
             sel.clear()
 
     def _capture(self, entry: _Entry) -> None:
+        """Capture the bucket's step; a one-row bucket is captured with and without the fused
+        GEMV (kernels/gemv.py), both replays timed, and the faster graph kept."""
+        st = entry.static
+        timed = st.rows == 1 and triton_available()
+        tries: list[tuple[float, bool, torch.cuda.CUDAGraph, torch.Tensor]] = []
+        for gemv in (False, True) if timed else (False,):
+            st.gemv = gemv
+            try:
+                graph, logits = self._capture_once(st)
+            except RuntimeError as e:  # the fused path is a speed choice: keep the plain one
+                if not gemv:
+                    raise
+                warnings.warn(f"fused one-row GEMV failed ({e}); decoding without it", stacklevel=2)
+                continue
+            tries.append((_replay_ms(graph) if timed else 0.0, gemv, graph, logits))
+        ms, st.gemv, entry.graph, entry.logits = min(tries, key=lambda t: t[0])
+        if len(tries) > 1:
+            self.gemv[(st.rows, st.width, st.cols)] = {
+                ("fused" if t[1] else "cublas"): round(t[0], 3) for t in tries
+            }
+        self.captured += 1
+
+    def _capture_once(self, st: StaticDecode) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (kernels compiled, scratch writes only), then capture."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(entry.static)
+                self._forward(st)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool_handle):
-            entry.logits = self._forward(entry.static)
-        entry.graph = graph
-        self.captured += 1
+            logits = self._forward(st)
+        return graph, logits
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+    """Median milliseconds of 10 replays after 3 (the bucket's inputs: scratch writes only)."""
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    spans = []
+    for _ in range(10):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        spans.append(start.elapsed_time(end))
+    return sorted(spans)[5]

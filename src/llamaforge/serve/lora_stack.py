@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from ..adapters.lora import LoRALinear, lora_modules
+from ..kernels import interpreting, triton_available
+from ..kernels.gemv import gemv_lora_triton
 
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -41,6 +43,7 @@ class Selection:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.mask: torch.Tensor | None = None  # (B, 1, cols) during a forward with adapters
         self.base_only = False  # during a forward where no row uses an adapter
+        self.gemv = False  # one-row forward: base matmul + delta in one kernel (kernels/gemv.py)
         self.cols = 0  # columns in use: (highest loaded slot + 1) * max_rank
         self.groups: list[SharedShrink] = []  # their cached projections end with the forward
 
@@ -61,7 +64,7 @@ class Selection:
 
     def clear(self) -> None:
         """End of the forward: layers go back to their own adapters."""
-        self.mask, self.base_only = None, False
+        self.mask, self.base_only, self.gemv = None, False, False
         for group in self.groups:
             group.forget()
 
@@ -124,16 +127,28 @@ class SlotStack:
         """Whether this layer should add gathered deltas now (LoRALinear.forward asks)."""
         return self.selection.running
 
+    def forward(self, x: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
+        """The layer's output with each row's delta (LoRALinear.forward hands over to this)."""
+        if self.selection.gemv and _one_row_gemv(x, layer):
+            h = self.shrink(x).reshape(1, -1) if self.selection.mask is not None else None
+            bt = self.bt[: self.selection.cols] if h is not None else None
+            return gemv_lora_triton(x.reshape(1, -1), layer.weight, h, bt).view(*x.shape[:-1], -1)
+        return self.add_delta(x, layer.base_forward(x))
+
+    def shrink(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's (x A^T) kept in its own adapter's columns: (B, T, cols in use)."""
+        if self.shared is not None:
+            return self.shared[0].shrink(x, self.shared[1])
+        sel = self.selection
+        return torch.matmul(x.to(self.a.dtype), self.a[: sel.cols].T).mul_(sel.mask)
+
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + each row's adapter delta; x (B, T, in), y (B, T, out)."""
         sel = self.selection
         if sel.mask is None:
             return y
         c = sel.cols
-        if self.shared is not None:
-            h = self.shared[0].shrink(x, self.shared[1])  # (B, T, cols)
-        else:
-            h = torch.matmul(x.to(self.a.dtype), self.a[:c].T).mul_(sel.mask)  # (B, T, cols)
+        h = self.shrink(x)  # (B, T, cols)
         if y.dtype != self.bt.dtype:
             return y + torch.matmul(h, self.bt[:c]).to(y.dtype)
         # y + h @ B^T in one matmul-with-add (3 kernels per layer in all)
@@ -154,6 +169,21 @@ class SlotStack:
             self.a[slot * r : slot * r + ra] = a.to(self.a.dtype)
             scaled = b.float() * layer.scaling[name]
             self.bt[slot * r : slot * r + ra] = scaled.T.to(self.bt.dtype)
+
+
+def _one_row_gemv(x: torch.Tensor, layer: LoRALinear) -> bool:
+    """Whether the fused one-row kernel computes this layer: one token, a plain weight."""
+    w = layer.weight
+    return (
+        x.shape[:-1].numel() == 1
+        and w is not None
+        and layer.nf4 is None
+        and layer.int8 is None
+        and layer.bias is None
+        and w.dtype == x.dtype
+        and triton_available()
+        and (x.is_cuda or interpreting())
+    )
 
 
 class AdapterStacks:
