@@ -15,6 +15,8 @@
 #   adamw   bf16 + stochastic-rounding AdamW vs fp32 masters vs a second seed, 500 steps of
 #           SmolLM2 full SFT on chitchat (needs MODEL=path/to/SmolLM2.gguf and the
 #           chitchat-dataset wheel on PYTHONPATH)
+#   offload the issue-16 LoRA/QLoRA rows with checkpointed inputs offloaded to CPU memory (the
+#           16.7 GB / 7.0 GB memory goals: what offload costs at 2 x 2048)
 #   decode  batch-1 decode: the step's pieces alone (decode_pieces.py), then the engine at
 #           1/8/64 concurrent over 1 and 16 adapters and a batch-1 profile
 #   quality_hf    issue 16 item 6, the peer: transformers + peft at llamaforge's settings
@@ -94,6 +96,11 @@ adamw)
   echo "== optimizer_curve (exit $?)"
   tail -3 "$out/optimizer_curve.log"
   ;;
+offload)
+  tp offload_lora8b 120 --workload lora8b --stacks llamaforge,llamaforge-offload --steps 4 --warmup 2
+  tp offload_qlora8b 140 --workload qlora8b --stacks llamaforge,llamaforge-offload --steps 4 \
+    --warmup 2
+  ;;
 decode)
   timeout 150 python3 benchmarks/decode_pieces.py "$out/decode_pieces.json" >"$out/decode_pieces.log" 2>&1
   echo "== decode_pieces (exit $?)"
@@ -125,7 +132,7 @@ long350)
     --steps 1 --warmup 0 --mem-cap-gib 79
   ;;
 *)
-  echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw, decode," \
+  echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw, offload, decode," \
     "quality_hf, quality_ours)" >&2
   exit 2
   ;;
