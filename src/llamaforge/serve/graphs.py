@@ -42,7 +42,7 @@ WIDTH_STEP = 256
 # 2026-12-03), where q @ K^T alone took 22.5 us a layer at one row. Captured buckets time
 # the three on the device once and keep the fastest (`fastest_attention`); eager static
 # runs (and the CPU) take the rule below.
-ATTENTION = ("sdpa", "matmuls", "keys_first")
+ATTENTION = ("sdpa", "matmuls", "keys_first")  # "sdpa" with a bool mask, as measured
 MATMUL_ROWS = 8  # the rule: matmuls up to this many rows, sdpa above
 
 
@@ -60,10 +60,10 @@ class StaticDecode:
     """One bucket's inputs (the model forward's `cache` argument): B rows, width W.
 
     ids/positions (B, 1); write_slot/write_pos (B,) where each row's new key/value goes;
-    bias (B, 1, 1, W) in the model's dtype: 0 on the keys each row sees, -inf past its
-    position (additive, for every variant in ATTENTION); lora_mask (B, 1, cols) or None:
-    the adapter columns of each row (see `lora_stack.Selection`). `attention` names the
-    variant this bucket runs.
+    seen (B, 1, 1, W) bool, the keys each row sees (SDPA's mask, as measured), and bias, the
+    same as an additive 0 / -inf in the model's dtype (the matmul variants); lora_mask
+    (B, 1, cols) or None: the adapter columns of each row (see `lora_stack.Selection`).
+    `attention` names the variant this bucket runs.
     """
 
     length = 0  # Llama.hidden_states advances this; positions are given explicitly
@@ -78,6 +78,8 @@ class StaticDecode:
         self.write_pos = torch.zeros(rows, dtype=torch.long, device=dev)
         self.attention = default_attention(rows)
         self.gemv = False  # one-row buckets: projections through kernels/gemv.py (timed)
+        self.seen = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=dev)
+        self.seen[..., 0] = True
         self.bias = torch.full((rows, 1, 1, width), float("-inf"), dtype=dtype, device=dev)
         self.bias[..., 0] = 0.0
         self.lora_mask = torch.zeros(rows, 1, cols, dtype=dtype, device=dev) if cols else None
@@ -99,6 +101,7 @@ class StaticDecode:
         self.write_pos.copy_(pos, non_blocking=True)
         seen = self._keys[None, :] <= pos[:, None]
         bias = torch.zeros(seen.shape, dtype=self.bias.dtype).masked_fill_(~seen, float("-inf"))
+        self.seen.copy_(seen[:, None, None], non_blocking=True)
         self.bias.copy_(bias[:, None, None], non_blocking=True)
         if self.lora_mask is not None:
             want = torch.tensor([-1 if s is None else s for s in lora_slots] + [-1] * (b - n))
@@ -116,7 +119,7 @@ class StaticDecode:
         keys, values = pk[:b, :, : self.width], pv[:b, :, : self.width]
         q = q.reshape(b, n_kv, h // n_kv, d)  # the query heads sharing a kv head, as queries
         if self.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.bias)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.seen)
         else:  # see ATTENTION
             if self.attention == "keys_first":
                 scores = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2).float()
