@@ -293,3 +293,66 @@ def test_packed_and_plain_batches_give_the_same_loss(tok):
         b = _loss_sum(model, collate(packed.train, tok.pad_id))
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
     assert packed.report.trainable_tokens == plain.report.trainable_tokens
+
+
+def _chat_rows(n: int) -> list[str]:
+    """n chat rows; every 97th has a non-string answer, every 89th is far too long."""
+    lines = []
+    for i in range(n):
+        answer = 7 if i % 97 == 5 else f"answer {i} " + ("x y " * 300 if i % 89 == 3 else "")
+        msgs = [
+            {"role": "user", "content": f"question {i}"},
+            {"role": "assistant", "content": answer},
+        ]
+        lines.append(json.dumps({"messages": msgs}))
+    return lines
+
+
+def test_worker_processes_build_exactly_what_one_process_builds(tok, tmp_path, monkeypatch):
+    import concurrent.futures
+    import pickle
+
+    from llamaforge.data import pipeline
+    from llamaforge.data.sources import BadRow
+
+    p = tmp_path / "chat.jsonl"
+    p.write_text("\n".join(_chat_rows(700)) + "\n")
+    pools = []
+    real_pool = concurrent.futures.ProcessPoolExecutor
+    monkeypatch.setattr(
+        pipeline.concurrent.futures,
+        "ProcessPoolExecutor",
+        lambda *a, **k: pools.append(a) or real_pool(*a, **k),
+    )
+    kw = {"template": "chatml", "max_seq_len": 200, "truncation": "drop", "lenient": True}
+    one = build(p, tok, num_workers=1, **kw)
+    assert not pools
+    two = build(p, tok, num_workers=2, **kw)
+    assert pools == [(2,)]
+    assert (one.train, one.validation, one.test) == (two.train, two.validation, two.test)
+    assert one.eval_items == two.eval_items and one.report == two.report
+    assert one.report.skipped == {WRONG_TYPE: 8} and one.report.dropped_too_long == 8
+    # strict: the first bad row in file order is the one reported, from any worker
+    with pytest.raises(DataError, match=r"chat\.jsonl:6: wrong type"):
+        build(p, tok, num_workers=2, **{**kw, "lenient": False})
+    # the errors that cross process boundaries survive pickling
+    e = pickle.loads(pickle.dumps(DataError("f.jsonl:3", "bad", "why")))
+    assert (str(e), e.where, e.reason, e.detail) == (
+        "f.jsonl:3: bad: why",
+        "f.jsonl:3",
+        "bad",
+        "why",
+    )
+    b = pickle.loads(pickle.dumps(BadRow(WRONG_TYPE, "x", field="output")))
+    assert (b.reason, b.detail, b.field) == (WRONG_TYPE, "x", "output")
+
+
+def test_the_number_of_workers_is_not_part_of_the_cache_key(tok):
+    from llamaforge.data.cache import cache_key
+    from llamaforge.data.pipeline import _key_parts
+
+    keys = {
+        cache_key(_key_parts(resolve_spec(str(FIX / "alpaca.json"), num_workers=n), tok))
+        for n in (1, 4)
+    }
+    assert len(keys) == 1

@@ -93,6 +93,9 @@ class DataConfig:
     lenient: bool = False
     limit: int | None = _f(None, AT_LEAST_1)
     cache_dir: str | None = None
+    # processes that render and tokenize rows (null: one per CPU core, at most 8; 1: this
+    # process only); the result does not depend on it
+    num_workers: int | None = _f(None, AT_LEAST_1)
     text_key: str = "text"
     system: str | None = None
     val_path: str | None = None

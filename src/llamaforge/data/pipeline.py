@@ -27,11 +27,13 @@ count. ``limit`` keeps the first rows of the source. Validation and test rows al
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 import random
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +207,7 @@ def _key_parts(s: DataSpec, tok: Tokenizer) -> dict[str, Any]:
     """Everything that changes the result: files, tokenizer, code and settings."""
     settings = dataclasses.asdict(s)
     settings.pop("cache_dir")
+    settings.pop("num_workers")  # how many processes build it does not change the result
     paths = [chitchat.chitchat_path()] if s.path == chitchat.NAME else [s.path]
     if s.val_path:
         paths.append(s.val_path)
@@ -307,24 +310,84 @@ def _build_examples(
     """Convert, render, truncate (and pack) every row into its split."""
     out: dict[str, list[Example]] = {name: [] for name in SPLITS}
     evals: dict[str, list[EvalItem]] = {"validation": [], "test": []}
-    for row, split in zip(rows, assignment, strict=True):
-        try:
-            sample = _sample(row, fmt, s)
-            done = tokenize_sample(sample, tok, s)
-            if done is None:
-                report.dropped_too_long += 1
-                continue
-            if split in evals and not isinstance(sample, Preference):
-                evals[split].append(eval_item(sample, tok, s))
-        except BadRow as e:
-            _bad_row(row, e, s, report)
-            continue
-        example, truncated = done
-        report.truncated += truncated
-        out[split].append(example)
+    results = _row_results(rows, assignment, fmt, s, tok)
+    for row, split, result in zip(rows, assignment, results, strict=True):
+        if isinstance(result, BadRow):
+            _bad_row(row, result, s, report)  # in row order: strict mode stops at the first
+        elif result is None:
+            report.dropped_too_long += 1
+        else:
+            example, truncated, item = result
+            if item is not None:
+                evals[split].append(item)
+            report.truncated += truncated
+            out[split].append(example)
     if s.packing:
         out = {name: pack.pack_examples(ex, s.max_seq_len) for name, ex in out.items()}
     return DatasetSplits(out["train"], out["validation"], out["test"], report, evals)
+
+
+PARALLEL_MIN_ROWS = 512  # fewer rows are built in this process (forking costs more)
+MAX_WORKERS = 8
+_JOB: tuple | None = None  # what forked workers read: (rows, assignment, fmt, spec, tokenizer)
+
+
+def _row_result(
+    row: Row, split: str, fmt: str, s: DataSpec, tok: Tokenizer
+) -> tuple[Example, bool, EvalItem | None] | BadRow | None:
+    """One row rendered and tokenized: (example, truncated, eval item), its BadRow, or None
+    when it is too long under truncation: drop."""
+    try:
+        sample = _sample(row, fmt, s)
+        done = tokenize_sample(sample, tok, s)
+        if done is None:
+            return None
+        evaluated = split in ("validation", "test") and not isinstance(sample, Preference)
+        return done[0], done[1], eval_item(sample, tok, s) if evaluated else None
+    except BadRow as e:
+        return e
+
+
+def _row_results(
+    rows: list[Row], assignment: list[str], fmt: str, s: DataSpec, tok: Tokenizer
+) -> Iterable[tuple[Example, bool, EvalItem | None] | BadRow | None]:
+    """Every row's result in row order, from `data.num_workers` forked processes when the
+    source is large enough (the jinja chat templates make rendering the slow part: each
+    conversation renders its growing prefixes), else here."""
+    workers = _workers(s, len(rows))
+    if workers <= 1:
+        return (_row_result(r, a, fmt, s, tok) for r, a in zip(rows, assignment, strict=True))
+    global _JOB
+    _JOB = (rows, assignment, fmt, s, tok)
+    step = -(-len(rows) // (workers * 4))  # a few chunks per worker evens out their lengths
+    bounds = [(a, min(a + step, len(rows))) for a in range(0, len(rows), step)]
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            parts = list(pool.map(_chunk_results, bounds))
+    finally:
+        _JOB = None
+    return [r for part in parts for r in part]
+
+
+def _chunk_results(
+    bounds: tuple[int, int],
+) -> list[tuple[Example, bool, EvalItem | None] | BadRow | None]:
+    """A forked worker's share: rows[a:b] of the job its parent left in _JOB."""
+    assert _JOB is not None
+    rows, assignment, fmt, s, tok = _JOB
+    return [_row_result(rows[i], assignment[i], fmt, s, tok) for i in range(*bounds)]
+
+
+def _workers(s: DataSpec, n_rows: int) -> int:
+    """Processes for n_rows: data.num_workers, else one per core up to MAX_WORKERS; 1 for
+    small sources and where fork is unavailable."""
+    if n_rows < PARALLEL_MIN_ROWS or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if s.num_workers is not None:
+        return s.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_WORKERS, cores or 1))
 
 
 def _sample(row: Row, fmt: str, s: DataSpec) -> Sample:

@@ -56,6 +56,13 @@ class BadRow(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail, self.field = reason, detail, field
 
+    def __reduce__(self) -> tuple:  # crosses process boundaries (data.num_workers)
+        return (_bad_row, (self.reason, self.detail, self.field))
+
+
+def _bad_row(reason: str, detail: str, field: str | None) -> BadRow:
+    return BadRow(reason, detail, field=field)
+
 
 class DataError(UserError):
     """A data problem with its place: ``file:line: reason: detail``."""
@@ -64,6 +71,9 @@ class DataError(UserError):
         text = f"{where}: {reason}" + (f": {detail}" if detail else "")
         super().__init__(text)
         self.where, self.reason, self.detail = where, reason, detail
+
+    def __reduce__(self) -> tuple:  # crosses process boundaries (data.num_workers)
+        return (type(self), (self.where, self.reason, self.detail))
 
 
 @dataclass
