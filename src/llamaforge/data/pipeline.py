@@ -32,6 +32,7 @@ import dataclasses
 import multiprocessing
 import os
 import random
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -381,8 +382,11 @@ def _chunk_results(
 
 def _workers(s: DataSpec, n_rows: int) -> int:
     """Processes for n_rows: data.num_workers, else one per core up to MAX_WORKERS; 1 for
-    small sources and where fork is unavailable."""
+    small sources, where fork is unavailable, and in a process running other Python threads
+    (a forked child would inherit their held locks)."""
     if n_rows < PARALLEL_MIN_ROWS or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if threading.active_count() > 1:
         return 1
     if s.num_workers is not None:
         return s.num_workers
