@@ -324,6 +324,7 @@ def test_worker_processes_build_exactly_what_one_process_builds(tok, tmp_path, m
         "ProcessPoolExecutor",
         lambda *a, **k: pools.append(a) or real_pool(*a, **k),
     )
+    monkeypatch.setattr(pipeline.threading, "active_count", lambda: 1)  # other tests' threads
     kw = {"template": "chatml", "max_seq_len": 200, "truncation": "drop", "lenient": True}
     one = build(p, tok, num_workers=1, **kw)
     assert not pools
@@ -356,3 +357,20 @@ def test_the_number_of_workers_is_not_part_of_the_cache_key(tok):
         for n in (1, 4)
     }
     assert len(keys) == 1
+
+
+def test_no_worker_processes_beside_other_python_threads():
+    import threading
+
+    from llamaforge.data.pipeline import _workers
+
+    spec = resolve_spec("x.jsonl", num_workers=4)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert _workers(spec, 10_000) == 1
+    finally:
+        stop.set()
+        other.join()
+    assert _workers(spec, 100) == 1  # small sources stay in this process
