@@ -129,3 +129,21 @@ def test_captured_buckets_time_every_attention_and_keep_the_plain_results():
     )
     plain = Engine(model, max_batch=8, max_len=96, prefill_chunk=16, graphs="off")
     assert got == plain.generate(ps, params, names)  # fp32: whichever variant, same tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_row_bucket_times_the_fused_gemv_unless_switched_off():
+    from llamaforge.kernels import Kernels
+
+    model = with_adapters().to("cuda")
+    ps, params = prompts(1, seed=9, hi=30), SamplingParams(max_new_tokens=8)
+    engine = Engine(model, max_batch=4, max_len=64, graphs="cuda")
+    got = engine.generate(ps, params, ["a"])
+    assert engine.runner.gemv and all(
+        set(t) == {"cublas", "fused"} for t in engine.runner.gemv.values()
+    )
+    plain = Engine(model, max_batch=4, max_len=64, graphs="off")
+    assert got == plain.generate(ps, params, ["a"])
+    model.set_kernels(Kernels(gemv=False))
+    off = Engine(model, max_batch=4, max_len=64, graphs="cuda")
+    assert off.generate(ps, params, ["a"]) == got and not off.runner.gemv

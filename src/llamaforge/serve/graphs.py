@@ -256,7 +256,7 @@ class DecodeRunner:
         """Capture the bucket's step; a one-row bucket is captured with and without the fused
         GEMV (kernels/gemv.py), both replays timed, and the faster graph kept."""
         st = entry.static
-        timed = st.rows == 1 and triton_available()
+        timed = st.rows == 1 and triton_available() and self.model.kernels.gemv
         tries: list[tuple[float, bool, torch.cuda.CUDAGraph, torch.Tensor]] = []
         for gemv in (False, True) if timed else (False,):
             st.gemv = gemv
