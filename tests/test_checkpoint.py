@@ -264,6 +264,18 @@ def test_only_trainable_weights_saved_and_required(tmp_path):
         load_checkpoint(path, model=fresh)
 
 
+def test_resume_refuses_weights_of_another_trained_dtype(tmp_path):
+    """A run written with fp32 master weights does not resume silently into bf16 ones."""
+    from llamaforge.errors import UserError
+
+    model = random_model("tiny-llama2")
+    path = save_checkpoint(tmp_path, 1, trainable_state(model))
+    bf16 = random_model("tiny-llama2").to(torch.bfloat16)
+    with pytest.raises(UserError, match="in torch.float32 but this run in torch.bfloat16.*master"):
+        load_checkpoint(path, model=bf16, restore_rng_state=False)
+    load_checkpoint(path, model=random_model("tiny-llama2", seed=2), restore_rng_state=False)
+
+
 def test_tied_embeddings_saved_once_and_stay_tied(tmp_path):
     model = random_model("tiny-smollm2")
     path = save_checkpoint(tmp_path, 1, trainable_state(model))

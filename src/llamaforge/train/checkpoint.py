@@ -34,6 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -236,6 +238,14 @@ def load_model_state(model: nn.Module, path: str | Path) -> None:
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks trainable weights: {', '.join(missing[:5])}")
+    for n, p in model.named_parameters():  # an exact resume keeps the trained dtype
+        if p.requires_grad and state[n].dtype != p.dtype:
+            raise UserError(
+                f"{path}: checkpoint trains {n} in {state[n].dtype} but this run in {p.dtype}; "
+                "resume with the precision and optim.master_dtype it was written with (full "
+                "fine-tuning under bf16 keeps bf16 weights since optim.master_dtype: auto; "
+                "optim.master_dtype: fp32 resumes a run with fp32 master weights)"
+            )
 
 
 def load_checkpoint(
