@@ -13,9 +13,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,3 +59,35 @@ def use_kernel(enabled: bool, *tensors: torch.Tensor) -> bool:
     directly under TRITON_INTERPRET=1, never through the model).
     """
     return enabled and triton_available() and all(t.is_cuda for t in tensors)
+
+
+def capture_graph(
+    fn: Callable[[], T], warmups: int = 1, pool: Any = None
+) -> tuple[torch.cuda.CUDAGraph, T]:
+    """(graph, output) of `fn` captured as a CUDA graph after `warmups` eager calls on a side
+    stream (kernels compiled and autotuned outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 5, warmups: int = 0) -> float:
+    """Median milliseconds of `replays` timed replays of a captured graph (CUDA events)."""
+    for _ in range(warmups):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    spans = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        spans.append(start.elapsed_time(end))
+    return sorted(spans)[replays // 2]

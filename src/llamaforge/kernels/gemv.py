@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import interpreting
+from . import capture_graph, interpreting, replay_ms
 
 try:
     import triton
@@ -126,23 +126,10 @@ def _fastest(launch) -> tuple[int, int, int]:
     """The config of CONFIGS with the lowest time: each one captured as a CUDA graph of 20
     launches (a kernel of a few microseconds is shorter than its launch from Python, so
     eager timing would measure the host), median of 5 replays."""
-    best, best_ms = CONFIGS[0], float("inf")
-    for cfg in CONFIGS:
-        launch(cfg)  # compile outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(20):
-                launch(cfg)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        spans = []
-        for _ in range(5):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            spans.append(start.elapsed_time(end))
-        ms = sorted(spans)[2]
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    return best
+
+    def twenty(cfg: tuple[int, int, int]) -> None:
+        for _ in range(20):
+            launch(cfg)
+
+    times = {cfg: replay_ms(capture_graph(lambda c=cfg: twenty(c))[0]) for cfg in CONFIGS}
+    return min(times, key=times.__getitem__)

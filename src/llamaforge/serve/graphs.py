@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import triton_available
+from ..kernels import capture_graph, replay_ms, triton_available
 from ..model.llama import Llama
 from .kv import SlotPool
 from .lora_stack import Selection
@@ -100,9 +100,11 @@ class StaticDecode:
         self.write_slot.copy_(slot, non_blocking=True)
         self.write_pos.copy_(pos, non_blocking=True)
         seen = self._keys[None, :] <= pos[:, None]
-        bias = torch.zeros(seen.shape, dtype=self.bias.dtype).masked_fill_(~seen, float("-inf"))
-        self.seen.copy_(seen[:, None, None], non_blocking=True)
-        self.bias.copy_(bias[:, None, None], non_blocking=True)
+        if self.attention == "sdpa":  # each variant reads one of the two masks
+            self.seen.copy_(seen[:, None, None], non_blocking=True)
+        else:
+            bias = torch.zeros(seen.shape, dtype=self.bias.dtype).masked_fill_(~seen, -torch.inf)
+            self.bias.copy_(bias[:, None, None], non_blocking=True)
         if self.lora_mask is not None:
             want = torch.tensor([-1 if s is None else s for s in lora_slots] + [-1] * (b - n))
             cols = torch.arange(self.cols) // rank
@@ -140,29 +142,16 @@ def fastest_attention(
     the median of 5 replays counts. q (B, H, 1, D), k and v (B, K, 1, D) are stand-ins of
     the model's shapes.
     """
+
+    def calls() -> None:
+        for _ in range(repeats):
+            static.attend(0, q, k, v)
+
     times: dict[str, float] = {}
     was = static.attention
     for name in ATTENTION:
         static.attention = name
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            static.attend(0, q, k, v)  # warm up (kernel selection) outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(repeats):
-                static.attend(0, q, k, v)
-        spans = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            spans.append(start.elapsed_time(end) * 1000 / repeats)
-        times[name] = sorted(spans)[2]
-        del graph
+        times[name] = replay_ms(capture_graph(calls)[0]) * 1000 / repeats
     static.attention = was
     return min(times, key=times.__getitem__), times
 
@@ -267,7 +256,8 @@ class DecodeRunner:
                     raise
                 warnings.warn(f"fused one-row GEMV failed ({e}); decoding without it", stacklevel=2)
                 continue
-            tries.append((_replay_ms(graph) if timed else 0.0, gemv, graph, logits))
+            ms = replay_ms(graph, replays=10, warmups=3) if timed else 0.0
+            tries.append((ms, gemv, graph, logits))
         _, st.gemv, entry.graph, entry.logits = min(tries, key=lambda t: t[0])
         if len(tries) > 1:
             self.gemv[(st.rows, st.width, st.cols)] = {
@@ -276,29 +266,5 @@ class DecodeRunner:
         self.captured += 1
 
     def _capture_once(self, st: StaticDecode) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm up on a side stream (kernels compiled, scratch writes only), then capture."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(st)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool_handle):
-            logits = self._forward(st)
-        return graph, logits
-
-
-def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
-    """Median milliseconds of 10 replays after 3 (the bucket's inputs: scratch writes only)."""
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    spans = []
-    for _ in range(10):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        spans.append(start.elapsed_time(end))
-    return sorted(spans)[5]
+        """Two warm-up steps on a side stream (scratch writes only), then the capture."""
+        return capture_graph(lambda: self._forward(st), warmups=2, pool=self._pool_handle)
