@@ -17,6 +17,8 @@
 #           chitchat-dataset wheel on PYTHONPATH)
 #   offload the issue-16 LoRA/QLoRA rows with checkpointed inputs offloaded to CPU memory (the
 #           16.7 GB / 7.0 GB memory goals: what offload costs at 2 x 2048)
+#   fused   the LoRA layer as one autograd node (`kernels.lora`) against the unfused layers,
+#           8B LoRA and QLoRA at 2 x 2048, default checkpointing
 #   decode  batch-1 decode: the step's pieces alone (decode_pieces.py), then the engine at
 #           1/8/64 concurrent over 1 and 16 adapters and a batch-1 profile
 #   quality_hf    issue 16 item 6, the peer: transformers + peft at llamaforge's settings
@@ -49,7 +51,7 @@ tests)
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_basic.py \
     tests/test_kernels_ce.py tests/test_kernels_nf4.py tests/test_kernels_dispatch.py \
     tests/test_long_context.py tests/test_kernels_adamw.py tests/test_memory_plan.py \
-    tests/test_serve_graphs.py tests/test_serve_engine.py 2>&1 | tail -25 | tee "$out/tests.log"
+    tests/test_serve_graphs.py tests/test_serve_engine.py tests/test_lora_fused.py 2>&1 | tail -25 | tee "$out/tests.log"
   ;;
 side)
   tp throughput_lora8b 290 --workload lora8b --stacks llamaforge,hf,hf-liger,unsloth \
@@ -101,6 +103,12 @@ offload)
   tp offload_qlora8b 140 --workload qlora8b --stacks llamaforge,llamaforge-offload --steps 4 \
     --warmup 2
   ;;
+fused)
+  tp fused_lora8b 110 --workload lora8b --stacks llamaforge,llamaforge-unfused-lora --steps 4 \
+    --warmup 2
+  tp fused_qlora8b 130 --workload qlora8b --stacks llamaforge,llamaforge-unfused-lora \
+    --steps 4 --warmup 2
+  ;;
 decode)
   timeout 150 python3 benchmarks/decode_pieces.py "$out/decode_pieces.json" >"$out/decode_pieces.log" 2>&1
   echo "== decode_pieces (exit $?)"
@@ -132,7 +140,7 @@ long350)
     --steps 1 --warmup 0 --mem-cap-gib 79
   ;;
 *)
-  echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw, offload, decode," \
+  echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw, offload, fused, decode," \
     "quality_hf, quality_ours)" >&2
   exit 2
   ;;

@@ -85,6 +85,7 @@ class Stack:
     master: str = "auto"  # full fine-tuning's `optim.master_dtype` (auto: bf16 on a GPU)
     fused_adamw: bool = True  # bf16-master AdamW through its Triton kernel (the default)
     offload: bool = False  # checkpointed layer inputs in CPU memory
+    fused_lora: bool = True  # LoRA layers as one autograd node (`kernels.lora`, the default)
     dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
 
 
@@ -95,6 +96,7 @@ STACKS = {
     "llamaforge-bf16": Stack(
         "llamaforge, bf16 masters, unfused AdamW", master="bf16", fused_adamw=False
     ),
+    "llamaforge-unfused-lora": Stack("llamaforge, unfused LoRA layers", fused_lora=False),
     "llamaforge-offload": Stack("llamaforge, activations offloaded", offload=True),
     "llamaforge-fsdp2": Stack("llamaforge, FSDP2 at world size 1", dist="fsdp2"),
     "llamaforge-ddp": Stack("llamaforge, DDP at world size 1", dist="ddp"),
@@ -387,7 +389,9 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
             compute_dtype=compute,
             lora_dtype=torch.float32,
         )
-    model.set_kernels(Kernels.none() if stack.plain else Kernels(adamw=stack.fused_adamw))
+    model.set_kernels(
+        Kernels.none() if stack.plain else Kernels(adamw=stack.fused_adamw, lora=stack.fused_lora)
+    )
     model.gradient_checkpointing = True
     model.offload_activations = stack.offload
     model.checkpoint_layers = spec.ckpt_layers

@@ -116,6 +116,8 @@ def add_adapter(
             continue
         if isinstance(module, FROZEN_LINEAR):
             module = LoRALinear(module)
+            if hasattr(model, "kernels"):  # the model's kernel switches, as set_kernels sets
+                module.kernels = model.kernels
             _set_module(model, mname, module)
         if isinstance(module, LoRALinear):
             module.add_adapter(name, r, alpha, dropout, rslora, dtype)

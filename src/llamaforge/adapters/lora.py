@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..kernels import Kernels
+from .fused import fused_lora_linear
 from .int8 import Int8Linear
 from .nf4 import NF4Linear, NF4Weight, nf4_linear, plain_linear
 
@@ -28,6 +30,12 @@ from .nf4 import NF4Linear, NF4Weight, nf4_linear, plain_linear
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     """alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
     return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def fusable_device(x: torch.Tensor) -> bool:
+    """Whether the fused LoRA layer runs for this input by default: on CUDA (CPU runs keep
+    the unfused reference; tests call the fused path on the CPU directly)."""
+    return x.is_cuda
 
 
 class LoRALinear(nn.Module):
@@ -72,6 +80,7 @@ class LoRALinear(nn.Module):
         # Serving: an object whose `forward(x, layer)` is the output with each row's own
         # adapter delta from gathered weights (serve.lora_stack) while it runs a batch.
         self.gathered = None
+        self.kernels = Kernels()  # set by Llama.set_kernels; `lora` picks the fused layer
 
     @property
     def device(self) -> torch.device:
@@ -162,6 +171,9 @@ class LoRALinear(nn.Module):
         gathered = self.gathered
         if gathered is not None and gathered.running:  # an engine forward (serve/lora_stack)
             return gathered.forward(x, self)
+        dtype = self._fused_dtype(x)
+        if dtype is not None:
+            return self._fused_forward(x, dtype)
         y = self.base_forward(x)
         if self.disabled or not self.lora_A:
             return y
@@ -172,6 +184,40 @@ class LoRALinear(nn.Module):
         # into the delta in place (no third (..., out) tensor alive): nothing saves the
         # second LoRA matmul's output for the backward
         return self.adapter_delta(x, self.active).to(y.dtype).add_(y)
+
+    def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The compute dtype of the fused layer (adapters/fused.py) for this input, or None
+        where the unfused path runs: the kernel off or off CUDA, an int8 base, per-row or no
+        adapters, or dtypes that only the unfused path's casts reconcile."""
+        name = self.active
+        if not (self.kernels.lora and fusable_device(x)) or self.int8 is not None or self.disabled:
+            return None
+        if self._rows is not None or name is None or name not in self.lora_A:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        dtype = x.dtype if self.nf4 is None else (self.compute_dtype or x.dtype)
+        same = self.lora_A[name].dtype == dtype and (
+            self.nf4 is not None or self.weight.dtype == dtype
+        )
+        return dtype if same and x.dtype == dtype else None
+
+    def _fused_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The active adapter's layer as one autograd node (base + delta, one rounding)."""
+        name = self.active
+        x_drop = self.lora_dropout[name](x)
+        y = fused_lora_linear(
+            x,
+            self.weight if self.nf4 is None else self.nf4,
+            self.bias,
+            self.lora_A[name],
+            self.lora_B[name],
+            self.scaling[name],
+            dtype,
+            None if x_drop is x else x_drop,
+        )
+        # an NF4 base returns x's dtype (as nf4_linear), a plain one the compute dtype
+        return y if self.nf4 is None else y.to(x.dtype)
 
     def _row_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add each adapter's delta to its own rows of the batch (dim 0) only."""
