@@ -17,7 +17,8 @@
 #           chitchat-dataset wheel on PYTHONPATH)
 #   offload the issue-16 LoRA/QLoRA rows with checkpointed inputs offloaded to CPU memory (the
 #           16.7 GB / 7.0 GB memory goals: what offload costs at 2 x 2048)
-#   fused   the LoRA layer as one autograd node (`kernels.lora`) against the unfused layers,
+#   fused   the LoRA layer as one autograd node (`kernels.lora`) and the residual add fused
+#           into the norm (`kernels.residual_rmsnorm`), each against its unfused form,
 #           8B LoRA and QLoRA at 2 x 2048, default checkpointing
 #   decode  batch-1 decode: the step's pieces alone (decode_pieces.py), then the engine at
 #           1/8/64 concurrent over 1 and 16 adapters and a batch-1 profile
@@ -104,8 +105,8 @@ offload)
     --warmup 2
   ;;
 fused)
-  tp fused_lora8b 110 --workload lora8b --stacks llamaforge,llamaforge-unfused-lora --steps 4 \
-    --warmup 2
+  tp fused_lora8b 150 --workload lora8b \
+    --stacks llamaforge,llamaforge-unfused-lora,llamaforge-unfused-residual --steps 4 --warmup 2
   tp fused_qlora8b 130 --workload qlora8b --stacks llamaforge,llamaforge-unfused-lora \
     --steps 4 --warmup 2
   ;;

@@ -86,6 +86,9 @@ class Stack:
     fused_adamw: bool = True  # bf16-master AdamW through its Triton kernel (the default)
     offload: bool = False  # checkpointed layer inputs in CPU memory
     fused_lora: bool = True  # LoRA layers as one autograd node (`kernels.lora`, the default)
+    fused_residual: bool = (
+        True  # residual add fused into the next norm (`kernels.residual_rmsnorm`)
+    )
     dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
 
 
@@ -97,6 +100,9 @@ STACKS = {
         "llamaforge, bf16 masters, unfused AdamW", master="bf16", fused_adamw=False
     ),
     "llamaforge-unfused-lora": Stack("llamaforge, unfused LoRA layers", fused_lora=False),
+    "llamaforge-unfused-residual": Stack(
+        "llamaforge, residual add unfused from the norm", fused_residual=False
+    ),
     "llamaforge-offload": Stack("llamaforge, activations offloaded", offload=True),
     "llamaforge-fsdp2": Stack("llamaforge, FSDP2 at world size 1", dist="fsdp2"),
     "llamaforge-ddp": Stack("llamaforge, DDP at world size 1", dist="ddp"),
@@ -390,7 +396,13 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
             lora_dtype=torch.float32,
         )
     model.set_kernels(
-        Kernels.none() if stack.plain else Kernels(adamw=stack.fused_adamw, lora=stack.fused_lora)
+        Kernels.none()
+        if stack.plain
+        else Kernels(
+            adamw=stack.fused_adamw,
+            lora=stack.fused_lora,
+            residual_rmsnorm=stack.fused_residual,
+        )
     )
     model.gradient_checkpointing = True
     model.offload_activations = stack.offload

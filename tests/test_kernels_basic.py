@@ -112,6 +112,37 @@ def test_rms_norm_mixed_dtypes_promote_like_reference():
     close(rmsnorm._rms_norm_triton(x, w, 1e-5), rmsnorm.rms_norm_ref(x, w, 1e-5), bf16=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RMS_SHAPES.values(), ids=RMS_SHAPES.keys())
+def test_add_rms_norm_matches_reference(shape, dtype):
+    """Both outputs (the sum and its norm) and the gradients of x, delta and the weight, with
+    cotangents on both outputs (the residual stream carries h on)."""
+    torch.manual_seed(1)
+    x = randn(*shape, dtype=dtype).requires_grad_()
+    d = randn(*shape, dtype=dtype).requires_grad_()
+    w = torch.empty(shape[-1], device=DEV).uniform_(0.5, 1.5).to(dtype).requires_grad_()
+    out = rmsnorm._add_rms_norm_triton(x, d, w, 1e-5)
+    ref = rmsnorm.add_rms_norm_ref(x, d, w, 1e-5)
+    for got, want in zip(out, ref, strict=True):
+        close(got, want)
+    for got, want in zip(grads(out, (x, d, w)), grads(ref, (x, d, w)), strict=True):
+        close(got, want)
+
+
+def test_add_rms_norm_with_only_the_norm_used_and_a_frozen_weight():
+    torch.manual_seed(2)
+    x = randn(4, 40, dtype=torch.float32).requires_grad_()
+    d = randn(4, 40, dtype=torch.float32).requires_grad_()
+    w = torch.empty(40, device=DEV).uniform_(0.5, 1.5)  # frozen: no dweight
+    _, y = rmsnorm._add_rms_norm_triton(x, d, w, 1e-6)
+    _, y_ref = rmsnorm.add_rms_norm_ref(x, d, w, 1e-6)
+    got = torch.autograd.grad(y, (x, d), torch.ones_like(y))
+    want = torch.autograd.grad(y_ref, (x, d), torch.ones_like(y_ref))
+    for g, e in zip(got, want, strict=True):
+        close(g, e)
+    assert w.grad is None
+
+
 # ---- RoPE ----
 
 ROPE_SHAPES = {  # (B, H, K, T, D)
@@ -212,6 +243,13 @@ def test_dispatch_takes_reference(monkeypatch, device):
     _forbid(monkeypatch, swiglu, "_swiglu_triton")
     x, w = torch.randn(3, 16, device=dev), torch.rand(16, device=dev) + 0.5
     assert torch.equal(rmsnorm.rms_norm(x, w, 1e-5, enabled), rmsnorm.rms_norm_ref(x, w, 1e-5))
+    _forbid(monkeypatch, rmsnorm, "_add_rms_norm_triton")
+    pairs = zip(
+        rmsnorm.add_rms_norm(x, x, w, 1e-5, enabled),
+        rmsnorm.add_rms_norm_ref(x, x, w, 1e-5),
+        strict=True,
+    )
+    assert all(torch.equal(o, r) for o, r in pairs)
     q, k = torch.randn(1, 4, 3, 8, device=dev), torch.randn(1, 2, 3, 8, device=dev)
     inv_freq = rope_inv_freq(8, 1e4, None).to(dev)
     cos, sin = rope_cos_sin(torch.arange(3, device=dev)[None], inv_freq, x.dtype)
@@ -227,4 +265,8 @@ def test_dispatch_takes_triton_on_cuda(monkeypatch):
     _forbid(monkeypatch, rmsnorm, "rms_norm_ref")
     _forbid(monkeypatch, swiglu, "swiglu_ref")
     close(rmsnorm.rms_norm(x, w, 1e-5), rmsnorm._rms_norm_triton(x, w, 1e-5))
+    _forbid(monkeypatch, rmsnorm, "add_rms_norm_ref")
+    h, y = rmsnorm.add_rms_norm(x, x, w, 1e-5)
+    close(h, 2 * x)
+    close(y, rmsnorm._rms_norm_triton(2 * x, w, 1e-5))
     close(swiglu.swiglu(x, x), swiglu._swiglu_triton(x, x))

@@ -27,6 +27,7 @@ class Kernels:
     """Which fused kernels a model may use (each falls back to its reference when off)."""
 
     rmsnorm: bool = True
+    residual_rmsnorm: bool = True  # a block's residual add fused into the norm after it
     rope: bool = True
     swiglu: bool = True
     fused_ce: bool = True  # linear + cross entropy without materialising the logits

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels import Kernels, use_kernel
 from ..kernels.attention import varlen_attention, varlen_available
-from ..kernels.rmsnorm import rms_norm
+from ..kernels.rmsnorm import add_rms_norm, rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
 from .config import LlamaConfig, RopeScaling
@@ -225,8 +225,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache):  # noqa: D102 - shapes as in Attention
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        norm = self.post_attention_layernorm  # its norm fused with the residual add before it
+        h, normed = add_rms_norm(x, attn, norm.weight, norm.eps, norm.kernels.residual_rmsnorm)
+        return h + self.mlp(normed)
 
 
 class Llama(nn.Module):
