@@ -106,8 +106,8 @@ offload)
   ;;
 fused)
   tp fused_lora8b 150 --workload lora8b \
-    --stacks llamaforge,llamaforge-unfused-lora,llamaforge-unfused-residual --steps 4 --warmup 2
-  tp fused_qlora8b 130 --workload qlora8b --stacks llamaforge,llamaforge-unfused-lora \
+    --stacks llamaforge,llamaforge-fused-lora,llamaforge-unfused-residual --steps 4 --warmup 2
+  tp fused_qlora8b 130 --workload qlora8b --stacks llamaforge,llamaforge-fused-lora \
     --steps 4 --warmup 2
   ;;
 decode)

@@ -34,7 +34,9 @@ class Kernels:
     nf4: bool = True  # Triton NF4 dequantise for QLoRA base weights
     varlen_attention: bool = True  # packed rows through flash varlen attention (CUDA)
     adamw: bool = True  # bf16-weight AdamW (stochastic rounding) as one kernel per parameter
-    lora: bool = True  # LoRA layer as one autograd node, delta added in the matmul (CUDA)
+    # LoRA layer as one autograd node, delta added in the matmul (CUDA). Off by default:
+    # measured 3.6% slower than the unfused layers on 8B LoRA (benchmarks/RESULTS.md)
+    lora: bool = False
     gemv: bool = True  # serving: one-row decode may use kernels/gemv.py where it times faster
 
     @classmethod
