@@ -86,9 +86,8 @@ class Stack:
     fused_adamw: bool = True  # bf16-master AdamW through its Triton kernel (the default)
     offload: bool = False  # checkpointed layer inputs in CPU memory
     fused_lora: bool = False  # LoRA layers as one autograd node (`kernels.lora`, opt-in)
-    fused_residual: bool = (
-        True  # residual add fused into the next norm (`kernels.residual_rmsnorm`)
-    )
+    # the residual add fused into the next norm (`kernels.residual_rmsnorm`, the default)
+    fused_residual: bool = True
     dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
 
 
