@@ -142,7 +142,9 @@ def random_prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
-def run_llamaforge(model, prompts, names, args, profile: bool, graphs: str) -> dict[str, Any]:
+def run_llamaforge(
+    model, prompts, names, args, profile: bool, graphs: str, fuse: bool = True
+) -> dict[str, Any]:
     from llamaforge.model.generate import SamplingParams
     from llamaforge.serve.engine import Engine, Request
 
@@ -157,6 +159,7 @@ def run_llamaforge(model, prompts, names, args, profile: bool, graphs: str) -> d
         max_loras=len(names),
         max_lora_rank=args.rank,
         graphs=graphs,
+        fuse_projections=fuse,
     )
     params = SamplingParams(max_new_tokens=args.output_len, stop_ids=())
     # warm-up: the same requests, 8 tokens each (kernels compiled, decode graphs of these
@@ -190,6 +193,7 @@ def run_llamaforge(model, prompts, names, args, profile: bool, graphs: str) -> d
     res = summary(out, wall, ttft, itl, peak_gb(dev))
     res["pool_gb"] = round(engine.pool.nbytes() / 2**30, 2)
     res["graphs"] = graphs
+    res["fused_projection_groups"] = engine.fused_groups
     res["graphs_captured"] = engine.runner.captured if engine.runner is not None else 0
     if engine.runner is not None and engine.runner.attention:  # timed per captured bucket
         res["attention"] = {
@@ -320,6 +324,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+# name, decode graphs, fused projections (an engine without fusion runs each projection on
+# its own even on a model an earlier engine fused: the groups only act in their engine's forwards)
+LLAMAFORGE_STACKS = (
+    ("llamaforge", "auto", True),
+    ("llamaforge-unfused", "auto", False),
+    ("llamaforge-nographs", "off", True),
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="llama3.1-8b")
@@ -334,7 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--stacks",
         default="llamaforge,hf",
-        help="llamaforge (decode graphs on a GPU), llamaforge-nographs (plain decode), hf",
+        help="llamaforge (decode graphs on a GPU, q/k/v and gate/up fused), llamaforge-unfused"
+        " (the same, each projection on its own), llamaforge-nographs (plain decode), hf",
     )
     p.add_argument("--dtype", default=None, help="bf16 (CUDA default) or fp32 (CPU default)")
     p.add_argument("--bandwidth-mib", type=int, default=2048)
@@ -383,16 +397,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for c in conc:
             prompts = random_prompts(c, args.prompt_len, model.cfg.vocab_size)
             row: dict[str, Any] = {"concurrency": c, "adapters": a}
-            for stack, graphs in (("llamaforge", "auto"), ("llamaforge-nographs", "off")):
+            for stack, graphs, fuse in LLAMAFORGE_STACKS:
                 if stack not in stacks:
                     continue
                 at = args.profile_at or (f"{max(conc)},{max(counts)}" if args.profile else "")
                 prof = at == f"{c},{a}"
-                row[stack] = run_llamaforge(model, prompts, names, args, prof, graphs)
+                row[stack] = run_llamaforge(model, prompts, names, args, prof, graphs, fuse)
                 if "profile" in row[stack]:
                     log(row[stack].pop("profile"))
                 if stack != "llamaforge":
-                    row[stack].pop("outputs")
+                    mine = row[stack].pop("outputs")
+                    if stack == "llamaforge-unfused" and "llamaforge" in row:  # same greedy text?
+                        fused = row["llamaforge"]["outputs"]
+                        row["unfused_same_outputs"] = sum(
+                            x == y for x, y in zip(fused, mine, strict=True)
+                        ) / len(mine)
             if "hf" in stacks:
                 try:
                     if peft_model is None:
@@ -442,7 +461,7 @@ def print_table(report: dict[str, Any]) -> None:
     print("| C | adapters | stack | tok/s | TTFT p50/p99 ms | ITL p50/p99 ms | peak GB |")
     print("|---|---|---|---|---|---|---|")
     for r in report["runs"]:
-        for stack in ("llamaforge", "llamaforge-nographs", "hf"):
+        for stack in ("llamaforge", "llamaforge-unfused", "llamaforge-nographs", "hf"):
             s = r.get(stack)
             if not s or "skipped" in s:
                 continue

@@ -52,3 +52,36 @@ def test_gemv_lora_rejects_shapes_it_does_not_compute():
         gemv.gemv_lora_triton(x, w)
     with pytest.raises(ValueError, match="gemv_lora"):
         gemv.gemv_lora_triton(x[:1], w, torch.zeros(1, 3, device=DEV), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("sizes", "r"), [((48, 16, 16), 32), ((40, 40), 16), ((24, 8, 8), 0)])
+def test_grouped_gemv_with_mask_equals_the_reference(dtype, sizes, r):
+    """Members stacked along the output (q/k/v, gate/up), each with its own projection h[m]
+    read through the strides the engine's shared shrink gives (column-major over members)."""
+    g = torch.Generator().manual_seed(sum(sizes) + r)
+    n, k, m = sum(sizes), 72, len(sizes)
+    bounds = tuple(int(b) for b in torch.tensor(sizes).cumsum(0)[:-1])
+    x = torch.randn(1, k, generator=g).to(DEV, dtype)
+    w = torch.randn(n, k, generator=g).to(DEV, dtype)
+    h = torch.randn(r, m, generator=g).to(DEV, dtype).T if r else None  # (M, R), strides (1, M)
+    bt = torch.randn(r, n, generator=g).to(DEV, dtype) if r else None
+    mask = (torch.arange(r) < r // 2).to(DEV, dtype) if r else None
+    got = gemv.gemv_lora_triton(x, w, h, bt, mask, bounds)
+    want = gemv.gemv_lora_ref(x, w, h, bt, mask, bounds)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * k**0.5, rtol=tol)
+    if r:  # the mask matters: without it the result differs
+        assert not torch.allclose(
+            gemv.gemv_lora_ref(x, w, h, bt, None, bounds).float(), want.float()
+        )
+
+
+def test_grouped_gemv_rejects_bad_bounds():
+    x, w = torch.zeros(1, 8, device=DEV), torch.zeros(12, 8, device=DEV)
+    with pytest.raises(ValueError, match="bounds"):
+        gemv.gemv_lora_triton(x, w, bounds=(8, 4))
+    with pytest.raises(ValueError, match="bounds"):
+        gemv.gemv_lora_triton(x, w, bounds=(2, 4, 6))
+    with pytest.raises(ValueError, match="gemv_lora"):  # h has one member, bounds say two
+        gemv.gemv_lora_triton(x, w, torch.zeros(1, 4, device=DEV), torch.zeros(4, 12), None, (6,))

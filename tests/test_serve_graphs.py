@@ -57,13 +57,7 @@ def test_one_row_fused_gemv_equals_the_plain_path(monkeypatch):
     calls = []
     real = lora_stack.gemv_lora_triton
     monkeypatch.setattr(lora_stack, "gemv_lora_triton", lambda *a: calls.append(1) or real(*a))
-    init = graphs_mod.StaticDecode.__init__
-
-    def one_row_gemv(self, pool, rows, *args):
-        init(self, pool, rows, *args)
-        self.gemv = rows == 1
-
-    monkeypatch.setattr(graphs_mod.StaticDecode, "__init__", one_row_gemv)
+    force_one_row_gemv(monkeypatch)
     model = with_adapters().to("cuda" if torch.cuda.is_available() else "cpu")
     ps = prompts(3, seed=8, lo=2, hi=20)
     names = [None, *ADAPTERS[:2]]
@@ -72,6 +66,17 @@ def test_one_row_fused_gemv_equals_the_plain_path(monkeypatch):
     got = [engine.generate([p], params, [n])[0] for p, n in zip(ps, names, strict=True)]
     assert got == [solo_reference(model, p, params, n) for p, n in zip(ps, names, strict=True)]
     assert len(calls) >= 3 * 3 * 7  # every projection of every decode step
+
+
+def force_one_row_gemv(monkeypatch) -> None:
+    """One-row buckets run the fused GEMV (a captured bucket would choose it by timing)."""
+    init = graphs_mod.StaticDecode.__init__
+
+    def one_row_gemv(self, pool, rows, *args):
+        init(self, pool, rows, *args)
+        self.gemv = rows == 1
+
+    monkeypatch.setattr(graphs_mod.StaticDecode, "__init__", one_row_gemv)
 
 
 def test_static_decode_base_only_rows_and_scratch_slot_untouched():

@@ -204,7 +204,7 @@ def _engine(model, tok, prompts: list[list[int]], params):
     max_len = max(len(p) for p in prompts) + params.max_new_tokens + 1
     return Engine(
         model, decode=tok.decode, max_batch=len(prompts), max_len=max_len,
-        prefill_budget=OFFLINE_PREFILL_BUDGET,
+        prefill_budget=OFFLINE_PREFILL_BUDGET, fuse_projections=True,
     )  # fmt: skip
 
 

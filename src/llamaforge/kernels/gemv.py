@@ -8,6 +8,14 @@ W[n, k] * x[k]), then adds sum_r h[r] * Bt[r, n] for the gathered adapter column
 stores the row once. The tile sizes are chosen per shape on first use on a GPU, by timing
 each of CONFIGS (the CPU interpreter takes the first).
 
+The same kernel computes a *group* of projections that read the same input (q/k/v, or
+gate/up) as one GEMV over their weights stacked along the output (`serve/fused_proj.py`):
+`bounds` are the first output column of each member after the first, `h` is (M, R) (one
+projection per member, any strides) and `bt` (R, N) the members' B^T side by side, so output
+column n adds sum_r h[m(n), r] * mask[r] * bt[r, n] where m(n) is n's member. The optional
+`mask` (R,) keeps each row's own adapter columns; folding it in here saves the separate
+multiply of the batched path.
+
 `gemv_lora_ref` is the definition (plain PyTorch, also the CPU path); the engine decides by
 timing on the device whether its one-row decode step uses the kernel (`serve/graphs.py`).
 """
@@ -27,12 +35,21 @@ except ImportError:  # CPU-only install: only the reference runs
 
 
 def gemv_lora_ref(
-    x: torch.Tensor, w: torch.Tensor, h: torch.Tensor | None = None, bt: torch.Tensor | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor | None = None,
+    bt: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    bounds: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """x (1, K) @ w (N, K)^T, plus h (1, R) @ bt (R, N) if given: (1, N) in x's dtype."""
+    """x (1, K) @ w (N, K)^T, plus member m's (h[m] * mask) @ bt[:, its columns] if given:
+    (1, N) in x's dtype. Members split the N outputs at `bounds` (none: one member)."""
     y = F.linear(x.float(), w.float())
     if h is not None:
-        y = y + h.float() @ bt.float()
+        hm = h.float() * (1.0 if mask is None else mask.float().reshape(1, -1))  # (M, R)
+        edges = (0, *bounds, w.shape[0])
+        for m, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
+            y[:, lo:hi] += hm[m : m + 1] @ bt[:, lo:hi].float()
     return y.to(x.dtype)
 
 
@@ -49,14 +66,20 @@ if triton is not None:
         x_ptr,
         w_ptr,
         h_ptr,
+        mask_ptr,
         bt_ptr,
         y_ptr,
         N,
+        B1,  # first output column of the second / third member (N where there is none)
+        B2,
         K: tl.constexpr,  # the input width and the adapter columns: one compile per shape
         R: tl.constexpr,
         stride_w,
         stride_bt,
+        stride_hm,
+        stride_hr,
         HAS_LORA: tl.constexpr,
+        HAS_MASK: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -75,44 +98,69 @@ if triton is not None:
             ).to(tl.float32)
             acc += tl.sum(wt * xk[None, :], axis=1)
         if HAS_LORA:
+            member = (n >= B1).to(tl.int32) + (n >= B2).to(tl.int32)  # (BLOCK_N,)
             for r0 in range(0, R, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = r < R
-                hr = tl.load(h_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
-                b = tl.load(
-                    bt_ptr + r[:, None] * stride_bt + n[None, :],
-                    mask=r_ok[:, None] & n_ok[None, :],
+                both = r_ok[:, None] & n_ok[None, :]
+                hr = tl.load(
+                    h_ptr + member[None, :] * stride_hm + r[:, None] * stride_hr,
+                    mask=both,
                     other=0.0,
-                ).to(tl.float32)
-                acc += tl.sum(b * hr[:, None], axis=0)
+                ).to(tl.float32)  # (BLOCK_R, BLOCK_N): each output's member's projection
+                if HAS_MASK:
+                    hr = hr * tl.load(mask_ptr + r, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+                b = tl.load(bt_ptr + r[:, None] * stride_bt + n[None, :], mask=both, other=0.0).to(
+                    tl.float32
+                )
+                acc += tl.sum(b * hr, axis=0)
         tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def gemv_lora_triton(
-    x: torch.Tensor, w: torch.Tensor, h: torch.Tensor | None = None, bt: torch.Tensor | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor | None = None,
+    bt: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    bounds: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """The kernel (CUDA, or the CPU under TRITON_INTERPRET=1); same contract as the reference.
 
-    x (1, K) and h (1, R) contiguous; w (N, K) and bt (R, N) with unit stride along their
-    last dimension.
+    x (1, K) contiguous; w (N, K) and bt (R, N) with unit stride along their last dimension;
+    h (M, R) with M = len(bounds) + 1 <= 3, any strides; mask (R,) contiguous.
     """
     n, k = w.shape
     if x.shape != (1, k) or w.stride(1) != 1 or not x.is_contiguous():
         raise ValueError(f"gemv_lora: x {tuple(x.shape)} against w {tuple(w.shape)}")
+    members = len(bounds) + 1
+    if members > 3 or list(bounds) != sorted(bounds) or any(not 0 < b < n for b in bounds):
+        raise ValueError(f"gemv_lora: member bounds {bounds} for {n} outputs (at most 3 members)")
     lora = h is not None
-    if lora and (h.shape[0] != 1 or bt.shape != (h.shape[1], n) or bt.stride(1) != 1):
-        raise ValueError(f"gemv_lora: h {tuple(h.shape)} against bt {tuple(bt.shape)}")
+    if lora and (
+        h.shape[0] != members
+        or bt is None
+        or bt.shape != (h.shape[1], n)
+        or bt.stride(1) != 1
+        or (mask is not None and (mask.shape != (h.shape[1],) or not mask.is_contiguous()))
+    ):
+        raise ValueError(
+            f"gemv_lora: h {tuple(h.shape)} against bt {_shape(bt)}, mask {_shape(mask)}"
+        )
     r = h.shape[1] if lora else 0
-    h = h.contiguous() if lora else x  # (unused pointers when there is no adapter)
+    h_arg = h if lora else x  # (unused pointers where there is no adapter / mask)
     bt_arg = bt if lora else w
+    mask_arg = mask if mask is not None else x
+    b1, b2 = (*bounds, n, n)[:2]
+    hm, hr = (h.stride(0), h.stride(1)) if lora else (0, 0)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
 
     def launch(cfg: tuple[int, int, int]) -> None:
         block_n, block_k, warps = cfg
         _gemv_lora[(triton.cdiv(n, block_n),)](
-            x, w, h, bt_arg, y, n, k, r, w.stride(0), bt_arg.stride(0),
-            HAS_LORA=lora, BLOCK_R=16 if r <= 16 else 32, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps,
+            x, w, h_arg, mask_arg, bt_arg, y, n, b1, b2, k, r, w.stride(0), bt_arg.stride(0),
+            hm, hr, HAS_LORA=lora, HAS_MASK=mask is not None, BLOCK_R=16 if r <= 16 else 32,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
 
     key = (n, k, r, x.dtype, x.device)
@@ -133,3 +181,7 @@ def _fastest(launch) -> tuple[int, int, int]:
 
     times = {cfg: replay_ms(capture_graph(lambda c=cfg: twenty(c))[0]) for cfg in CONFIGS}
     return min(times, key=times.__getitem__)
+
+
+def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)

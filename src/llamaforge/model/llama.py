@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kernels = Kernels()
+        # x -> (q, k, v) in one matmul over stacked weights, installed by the serving engine
+        # (serve/fused_proj.py); it runs the three layers on their own outside its forwards
+        self.fused_qkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
     def forward(
         self,
@@ -151,9 +155,13 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,D)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B,K,T,D)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rope(q, k, cos, sin, self.kernels.rope)
         if isinstance(mask, Segments):  # packed rows, no cache: (B*T, H, D) per document
             out = varlen_attention(q, k, v, mask.cu_seqlens, mask.max_len)  # (B*T, H, D)
@@ -199,6 +207,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.kernels = Kernels()
+        self.fused_gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[0], x.shape[1]
@@ -211,7 +220,11 @@ class MLP(nn.Module):
         return torch.cat([run(c) for c in x.split(step, dim=1)], dim=1)
 
     def _swiglu_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.kernels.swiglu))
+        if self.fused_gate_up is not None:  # as Attention.fused_qkv
+            gate, up = self.fused_gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up, self.kernels.swiglu))
 
 
 class Block(nn.Module):

@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..adapters.lora import adapter_names, lora_modules
 from ..model.generate import Decode, SamplingParams, _cut_at_stop_string
 from ..model.llama import Llama
+from .fused_proj import fuse_projections as fuse_projections_of
 from .graphs import DecodeRunner
 from .kv import RowBatch, SlotPool
 from .lora_stack import AdapterStacks
@@ -138,6 +139,7 @@ class Engine:
         max_loras: int | None = None,
         max_lora_rank: int | None = None,
         graphs: str = "auto",
+        fuse_projections: bool = False,
     ) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
@@ -162,6 +164,11 @@ class Engine:
         self.stacks = AdapterStacks(model, max_loras, max_lora_rank, dt)
         for name in existing:
             self.stacks.add(name)
+        # q/k/v and gate/up as one matmul each (serve/fused_proj.py); views of the weights,
+        # so only for callers that do not save the model's tensors afterwards
+        self.fused_groups = (
+            fuse_projections_of(model, self.stacks.selection) if fuse_projections else 0
+        )
         if graphs == "auto":
             graphs = "cuda" if dev.type == "cuda" else "off"
         self.runner = None

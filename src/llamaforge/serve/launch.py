@@ -119,6 +119,7 @@ def build(args: argparse.Namespace):
         max_queue=args.max_queue,
         max_loras=max_loras,
         max_lora_rank=args.max_lora_rank,
+        fuse_projections=True,
     )
     for name, d in dirs:
         engine.load_adapter(name, d)

@@ -18,7 +18,9 @@ Layers that read the same input (q/k/v of an attention, gate/up of an MLP) share
 `SharedShrink`: their A blocks live in one buffer, column-major over the members, so the
 first member's call computes x A^T and the mask for all of them in one matmul and one
 multiply, and the others take their slice (at one decode row that is 15 launches a layer
-instead of 21).
+instead of 21). Their B^T blocks live side by side in one (cols, sum of outputs) buffer too,
+in the members' order, so a fused projection over the stacked base weights
+(`serve/fused_proj.py`) adds every member's delta from one tensor.
 
 `Selection` is the one object the engine sets per forward (the rows' column mask); every
 `SlotStack` reads it. Outside an engine forward it is empty and the layers run as before.
@@ -78,11 +80,14 @@ class SharedShrink:
     member m's (..., cols) slice.
     """
 
-    def __init__(self, members: int, in_features: int, selection: Selection,
+    def __init__(self, out_features: list[int], in_features: int, selection: Selection,
                  dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
         cols = selection.max_loras * selection.max_rank
+        members = len(out_features)
         self.selection, self.members = selection, members
         self.a = torch.zeros(cols, members, in_features, dtype=dtype, device=device)
+        self.bt = torch.zeros(cols, sum(out_features), dtype=dtype, device=device)
+        self.offsets = [sum(out_features[:m]) for m in range(members + 1)]
         self._x: torch.Tensor | None = None
         self._h: torch.Tensor | None = None  # (M, ..., cols)
         selection.groups.append(self)
@@ -90,6 +95,10 @@ class SharedShrink:
     def member_a(self, m: int) -> torch.Tensor:
         """Member m's A (cols, in): a view into the shared buffer."""
         return self.a[:, m]
+
+    def member_bt(self, m: int) -> torch.Tensor:
+        """Member m's scaled B^T (cols, out): a view into the shared buffer."""
+        return self.bt[:, self.offsets[m] : self.offsets[m + 1]]
 
     def shrink(self, x: torch.Tensor, m: int) -> torch.Tensor:
         """Member m's (x A_m^T) * mask, (..., cols in use)."""
@@ -118,9 +127,10 @@ class SlotStack:
         self.selection, self.shared = selection, shared
         if shared is None:
             self.a = torch.zeros(cols, layer.in_features, dtype=dtype, device=dev)  # (cols, in)
+            self.bt = torch.zeros(cols, layer.out_features, dtype=dtype, device=dev)  # (cols, out)
         else:
             self.a = shared[0].member_a(shared[1])
-        self.bt = torch.zeros(cols, layer.out_features, dtype=dtype, device=dev)  # (cols, out)
+            self.bt = shared[0].member_bt(shared[1])
 
     @property
     def running(self) -> bool:
@@ -228,7 +238,8 @@ class AdapterStacks:
             self._groups[key] = None
             if len(members) >= 2 and len(sizes) == 1:
                 first = layers[f"{parent}.{members[0]}"]
-                group = SharedShrink(len(members), first.in_features, self.selection,
+                outs = [layers[f"{parent}.{n}"].out_features for n in members]
+                group = SharedShrink(outs, first.in_features, self.selection,
                                      self.dtype, first.device)  # fmt: skip
                 self._groups[key] = (group, members)
         entry = self._groups[key]

@@ -1,0 +1,134 @@
+"""Projections that read the same input as one matmul: q/k/v of an attention, gate/up of an MLP.
+
+At batch-1 decode every projection is a GEMV that reads its weight once; the small ones
+(k and v are 1024 x 4096 in Llama-3.1-8B) are too short to reach the GPU's copy bandwidth and
+each costs a launch. `fuse_projections` stacks each group's base weights into one
+(sum of outputs, in) buffer and points the layers' weights at their rows of it (views: no
+second copy, and the layers themselves compute as before). During an engine forward the
+group runs as one matmul over the stacked weight, with each member's LoRA delta from the
+gathered adapter weights (`lora_stack.SharedShrink`, whose A and B^T blocks are stacked the
+same way), and splits the result; at one row it is one fused GEMV with the adapters in its
+epilogue (`kernels/gemv.py`). Outside an engine forward, or when the group's layers are not
+in one of the two shapes it computes (all without adapters; all stacked in one shared
+shrink), each layer runs on its own, so the output never depends on whether it is fused.
+
+Fusing re-points parameters at views of a shared buffer: a caller that later saves the
+model's tensors one by one sees shared storage. It is the serving engine's choice
+(`Engine(fuse_projections=True)`), off for training callers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.lora import LoRALinear
+from ..kernels import interpreting, triton_available
+from ..kernels.gemv import gemv_lora_triton
+from .lora_stack import Selection, SharedShrink, SlotStack
+
+GROUPS = (("self_attn", "fused_qkv", ("q_proj", "k_proj", "v_proj")),
+          ("mlp", "fused_gate_up", ("gate_proj", "up_proj")))  # fmt: skip
+
+
+class FusedGroup:
+    """The members of one group over their stacked weight; called with x, returns one output
+    per member (views into one tensor)."""
+
+    def __init__(self, parent: nn.Module, names: tuple[str, ...], weight: torch.Tensor,
+                 selection: Selection) -> None:  # fmt: skip
+        self.parent, self.names, self.weight, self.selection = parent, names, weight, selection
+        self.sizes = [layer.weight.shape[0] for layer in self.layers]
+        self.bounds = tuple(sum(self.sizes[: m + 1]) for m in range(len(names) - 1))
+        self._ptrs = [layer.weight.data_ptr() for layer in self.layers]
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The members as the parent holds them now (loading an adapter may swap a plain
+        layer for a LoRA one)."""
+        return [getattr(self.parent, n) for n in self.names]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layers = self.layers
+        shared = self._mode(x, layers)
+        if shared is False:
+            return tuple(layer(x) for layer in layers)
+        sel = self.selection
+        if sel.mask is None:
+            shared = None  # no row of this forward uses an adapter
+        if sel.gemv and x.shape[:-1].numel() == 1 and triton_available():
+            if x.is_cuda or interpreting():
+                y = self._gemv(x, shared)
+                return y.view(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+        y = F.linear(x, self.weight)
+        if shared is not None:
+            c, flat = sel.cols, y.view(-1, y.shape[-1])
+            edges = (0, *self.bounds, y.shape[-1])
+            for m, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
+                h = shared.shrink(x, m).reshape(-1, c)  # each row's masked projection
+                flat[:, lo:hi].addmm_(h, shared.bt[:c, lo:hi])
+        return y.split(self.sizes, dim=-1)
+
+    def _gemv(self, x: torch.Tensor, shared: SharedShrink | None) -> torch.Tensor:
+        """One row: the stacked GEMV with every member's delta in its epilogue."""
+        x2 = x.reshape(1, -1)
+        if shared is None:
+            return gemv_lora_triton(x2, self.weight)
+        c, m = self.selection.cols, len(self.names)
+        # unmasked projections of all members, (1, c*M) column-major over members: h[m, j]
+        # sits at j*M + m; the kernel applies the row's column mask
+        h = torch.matmul(x2.to(shared.a.dtype), shared.a[:c].reshape(c * m, -1).T)
+        h = h.view(c, m).T  # (M, c), strides (1, M)
+        mask = self.selection.mask.reshape(-1)[:c]
+        return gemv_lora_triton(x2, self.weight, h, shared.bt[:c], mask, self.bounds)
+
+    def _mode(self, x: torch.Tensor, layers: list[nn.Module]) -> SharedShrink | None | bool:
+        """False: run the layers one by one. None: plain base weights. Else the shared shrink
+        that holds every member's adapters in order."""
+        sel = self.selection
+        if not sel.running or x.dtype != self.weight.dtype:
+            return False
+        for layer, ptr in zip(layers, self._ptrs, strict=True):
+            w = getattr(layer, "weight", None)
+            if w is None or w.data_ptr() != ptr or getattr(layer, "bias", None) is not None:
+                return False  # re-pointed (quantised, reloaded) since it was fused
+        stacks = [getattr(layer, "gathered", None) for layer in layers]
+        if all(s is None for s in stacks):
+            plain = all(not isinstance(layer, LoRALinear) or not layer.lora_A for layer in layers)
+            return None if plain else False
+        if not all(isinstance(s, SlotStack) and s.shared is not None for s in stacks):
+            return False
+        group = stacks[0].shared[0]
+        if (
+            group.bt.dtype != self.weight.dtype
+            or group.members != len(stacks)
+            or any(s.shared != (group, m) or s.selection is not sel for m, s in enumerate(stacks))
+        ):
+            return False
+        return group
+
+
+def fuse_projections(model: nn.Module, selection: Selection) -> int:
+    """Stack q/k/v and gate/up of every block (plain, unbiased weights of one dtype and
+    device only) and install the groups on the model; returns how many were fused."""
+    fused = 0
+    for block in getattr(model, "layers", []):
+        for parent_name, attr, names in GROUPS:
+            parent = getattr(block, parent_name)
+            layers = [getattr(parent, n) for n in names]
+            weights = [getattr(layer, "weight", None) for layer in layers]
+            if any(w is None or getattr(layer, "bias", None) is not None
+                   for w, layer in zip(weights, layers, strict=True)):  # fmt: skip
+                continue
+            if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+                continue
+            with torch.no_grad():
+                stacked = torch.cat([w.detach() for w in weights])
+                offset = 0
+                for w in weights:
+                    w.data = stacked[offset : offset + w.shape[0]]
+                    offset += w.shape[0]
+            setattr(parent, attr, FusedGroup(parent, names, stacked, selection))
+            fused += 1
+    return fused

@@ -1,0 +1,141 @@
+"""q/k/v and gate/up as one matmul each in engine forwards (serve/fused_proj.py)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from llamaforge.adapters import add_adapter, lora_modules
+from llamaforge.io.peft import save_peft_adapter
+from llamaforge.model.generate import SamplingParams
+from llamaforge.serve import Engine, Request, fused_proj
+from llamaforge.serve import graphs as graphs_mod
+from tests.helpers import random_model
+from tests.test_serve_engine import ADAPTERS, prompts, solo_reference, with_adapters
+from tests.test_serve_graphs import force_one_row_gemv
+
+
+def counting(monkeypatch) -> list[str]:
+    """Record which way each fused group ran: 'fused' (one matmul) or 'split' (layer by layer)."""
+    seen: list[str] = []
+    real = fused_proj.FusedGroup._mode
+
+    def mode(self, x, layers):
+        got = real(self, x, layers)
+        if self.selection.running:
+            seen.append("split" if got is False else "fused")
+        return got
+
+    monkeypatch.setattr(fused_proj.FusedGroup, "_mode", mode)
+    return seen
+
+
+@pytest.mark.parametrize("graphs", ["off", "static"])
+def test_fused_engine_equals_solo_generate_over_adapters(monkeypatch, graphs):
+    """16 rows over 4 adapters (one with q/v only, one on down_proj only) and the base,
+    joining while others run: every greedy output equals generate's with that adapter
+    switched on, and the groups ran fused."""
+    monkeypatch.setattr(graphs_mod, "WIDTH_STEP", 8)
+    seen = counting(monkeypatch)
+    model = with_adapters()
+    ps = prompts(16, seed=21, lo=2, hi=40)
+    names = [(None, *ADAPTERS)[i % 5] for i in range(16)]
+    params = SamplingParams(max_new_tokens=10)
+    ref = [solo_reference(model, p, params, n) for p, n in zip(ps, names, strict=True)]
+    engine = Engine(model, max_batch=6, max_len=64, prefill_chunk=9, graphs=graphs,
+                    fuse_projections=True)  # fmt: skip
+    assert engine.fused_groups == 2 * model.cfg.n_layers
+    reqs = []
+    for p, n in zip(ps, names, strict=True):
+        reqs.append(engine.submit(Request(p, params, n)))
+        engine.step()
+    engine.wait(reqs)
+    assert [r.output for r in reqs] == ref
+    assert seen and set(seen) == {"fused"}
+
+
+def test_fused_weights_are_views_and_the_model_is_unchanged_outside_the_engine():
+    model = with_adapters()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([prompts(1, seed=3)[0]])
+    with torch.no_grad():
+        logits = model(ids)
+    Engine(model, max_len=32, fuse_projections=True)
+    attn = model.layers[0].self_attn
+    stacked = attn.fused_qkv.weight
+    assert attn.q_proj.weight.data_ptr() == stacked.data_ptr()
+    assert attn.k_proj.weight.data_ptr() == stacked[attn.q_proj.weight.shape[0] :].data_ptr()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():  # not in an engine forward: each layer on its own, same result
+        torch.testing.assert_close(model(ids), logits, rtol=0, atol=0)
+
+
+def test_partial_groups_fall_back_to_layer_by_layer(monkeypatch):
+    """An adapter on q and v only: q/k/v is not one shared shrink, so it runs layer by layer
+    (right, if not faster); gate/up carry no adapter and run fused on the base."""
+    seen = counting(monkeypatch)
+    model = random_model("tiny-llama3")
+    add_adapter(model, "qv", r=4, alpha=8, targets=("q_proj", "v_proj"))
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B["qv"].normal_(0, 0.3)
+    ps = prompts(4, seed=5)
+    names = ["qv", None, "qv", None]
+    params = SamplingParams(max_new_tokens=6)
+    ref = [solo_reference(model, p, params, n) for p, n in zip(ps, names, strict=True)]
+    engine = Engine(model, max_batch=4, max_len=64, fuse_projections=True)
+    assert engine.generate(ps, params, names) == ref
+    assert "split" in seen and "fused" in seen
+
+
+def test_adapters_loaded_after_fusing(tmp_path):
+    """The serve CLI fuses a bare base, then loads adapters (plain layers become LoRA layers):
+    the groups follow the swapped modules."""
+    src = with_adapters(names=("a", "b", "c"))
+    for n in ("b", "c"):
+        save_peft_adapter(src, tmp_path / n, adapter_name=n)
+    model = random_model("tiny-llama3")  # the same base weights
+    engine = Engine(model, max_batch=4, max_len=64, max_loras=2, fuse_projections=True)
+    engine.load_adapter("b", tmp_path / "b")
+    engine.load_adapter("c", tmp_path / "c")
+    ps = prompts(3, seed=9)
+    names = ["b", "c", None]
+    params = SamplingParams(max_new_tokens=8)
+    want = [solo_reference(src, p, params, n) for p, n in zip(ps, names, strict=True)]
+    assert engine.generate(ps, params, names) == want
+
+
+def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
+    """One-row buckets through the grouped GEMV (Triton's interpreter here), 4 adapters and
+    the base: same tokens as generate, and the grouped kernel computed q/k/v and gate/up."""
+    pytest.importorskip("triton")
+    from llamaforge.kernels import gemv
+    from llamaforge.serve import lora_stack
+
+    if not torch.cuda.is_available():
+        monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+        importlib.reload(gemv)
+    real = gemv.gemv_lora_triton
+    grouped: list[int] = []
+
+    def spy(x, w, h=None, bt=None, mask=None, bounds=()):
+        if bounds:
+            grouped.append(len(bounds) + 1)
+        return real(x, w, h, bt, mask, bounds)
+
+    monkeypatch.setattr(fused_proj, "gemv_lora_triton", spy)
+    monkeypatch.setattr(lora_stack, "gemv_lora_triton", real)
+    force_one_row_gemv(monkeypatch)
+    model = with_adapters().to("cuda" if torch.cuda.is_available() else "cpu")
+    ps = prompts(3, seed=8, lo=2, hi=20)
+    names = [None, *ADAPTERS[:2]]
+    params = SamplingParams(max_new_tokens=4)
+    want = [solo_reference(model, p, params, n) for p, n in zip(ps, names, strict=True)]
+    engine = Engine(model, max_batch=1, max_len=40, graphs="static", fuse_projections=True)
+    got = [engine.generate([p], params, [n])[0] for p, n in zip(ps, names, strict=True)]
+    assert got == want
+    assert 3 in grouped and 2 in grouped
