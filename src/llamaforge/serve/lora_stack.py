@@ -139,10 +139,17 @@ class SlotStack:
 
     def forward(self, x: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
         """The layer's output with each row's delta (LoRALinear.forward hands over to this)."""
-        if self.selection.gemv and _one_row_gemv(x, layer):
-            h = self.shrink(x).reshape(1, -1) if self.selection.mask is not None else None
-            bt = self.bt[: self.selection.cols] if h is not None else None
-            return gemv_lora_triton(x.reshape(1, -1), layer.weight, h, bt).view(*x.shape[:-1], -1)
+        sel = self.selection
+        if sel.gemv and _one_row_gemv(x, layer):
+            x2, h, bt, mask = x.reshape(1, -1), None, None, None
+            if sel.mask is not None:
+                bt = self.bt[: sel.cols]
+                if self.shared is None:  # unmasked x A^T; the kernel applies the row's mask
+                    h = torch.matmul(x2.to(self.a.dtype), self.a[: sel.cols].T)
+                    mask = sel.mask.reshape(-1)[: sel.cols]
+                else:
+                    h = self.shrink(x).reshape(1, -1)
+            return gemv_lora_triton(x2, layer.weight, h, bt, mask).view(*x.shape[:-1], -1)
         return self.add_delta(x, layer.base_forward(x))
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
