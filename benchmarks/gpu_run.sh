@@ -114,8 +114,9 @@ decode)
   timeout 150 python3 benchmarks/decode_pieces.py "$out/decode_pieces.json" >"$out/decode_pieces.log" 2>&1
   echo "== decode_pieces (exit $?)"
   grep -A40 '"attention"' "$out/decode_pieces.json" | head -60
-  timeout 150 python3 benchmarks/serve_throughput.py --preset llama3.1-8b --stacks llamaforge \
-    --concurrency 1,8,64 --adapters 1,16 --out "$out/serve_8b.json" >"$out/serve.log" 2>&1
+  timeout 300 python3 benchmarks/serve_throughput.py --preset llama3.1-8b \
+    --stacks llamaforge,llamaforge-unfused --concurrency 1,8,64 --adapters 1,16 \
+    --out "$out/serve_8b.json" >"$out/serve.log" 2>&1
   echo "== serve (exit $?)"
   grep "^| \|bound" "$out/serve.log"
   timeout 60 python3 benchmarks/serve_throughput.py --preset llama3.1-8b --stacks llamaforge \
