@@ -17,6 +17,8 @@
 #           chitchat-dataset wheel on PYTHONPATH)
 #   offload the issue-16 LoRA/QLoRA rows with checkpointed inputs offloaded to CPU memory (the
 #           16.7 GB / 7.0 GB memory goals: what offload costs at 2 x 2048)
+#   inbw    1B full fine-tuning with AdamW applied inside the backward (optim.step_in_backward:
+#           gradients freed as applied) against the default, then under a 10 GB budget plan
 #   fused   the LoRA layer as one autograd node (`kernels.lora`) and the residual add fused
 #           into the norm (`kernels.residual_rmsnorm`), each against its unfused form,
 #           8B LoRA and QLoRA at 2 x 2048, default checkpointing
@@ -104,6 +106,11 @@ offload)
   tp offload_qlora8b 140 --workload qlora8b --stacks llamaforge,llamaforge-offload --steps 4 \
     --warmup 2
   ;;
+inbw)
+  tp inbw_full1b 150 --workload full1b --stacks llamaforge,llamaforge-inbw --steps 4 --warmup 2
+  tp inbw_full1b_10gb 150 --workload full1b --stacks llamaforge-inbw --memory-budget 10 \
+    --steps 4 --warmup 2
+  ;;
 fused)
   tp fused_lora8b 150 --workload lora8b \
     --stacks llamaforge,llamaforge-fused-lora,llamaforge-unfused-residual --steps 4 --warmup 2
@@ -143,7 +150,7 @@ long350)
   ;;
 *)
   echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw, offload, fused, decode," \
-    "quality_hf, quality_ours)" >&2
+    "quality_hf, quality_ours, inbw)" >&2
   exit 2
   ;;
 esac

@@ -89,6 +89,7 @@ class Stack:
     # the residual add fused into the next norm (`kernels.residual_rmsnorm`, the default)
     fused_residual: bool = True
     dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
+    in_backward: bool = False  # `optim.step_in_backward`: AdamW per tensor in the backward
 
 
 STACKS = {
@@ -103,6 +104,9 @@ STACKS = {
         "llamaforge, residual add unfused from the norm", fused_residual=False
     ),
     "llamaforge-offload": Stack("llamaforge, activations offloaded", offload=True),
+    "llamaforge-inbw": Stack(
+        "llamaforge, AdamW applied in the backward (grads freed, no clipping)", in_backward=True
+    ),
     "llamaforge-fsdp2": Stack("llamaforge, FSDP2 at world size 1", dist="fsdp2"),
     "llamaforge-ddp": Stack("llamaforge, DDP at world size 1", dist="ddp"),
     "hf": Stack("transformers + peft", ("transformers", "peft")),
@@ -414,8 +418,9 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
         from llamaforge.train.memory_plan import plan_memory
 
         plan = plan_memory(  # budget_bytes reads "24" or "auto" as given
-            model, spec.memory_budget, spec.bs, spec.seq, lambda: autocast_context(precision, dev)
-        )
+            model, spec.memory_budget, spec.bs, spec.seq,
+            lambda: autocast_context(precision, dev), grads=not stack.in_backward,
+        )  # fmt: skip
         if plan is not None:
             model.checkpoint_layers = plan.checkpointed
             model.offload_activations = plan.offload
@@ -465,7 +470,12 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
         reduce = distributed.all_reduce_sum  # the loop's per-step reduction of loss + count
         notes += f"; {stack.dist} over {'nccl' if dev.type == 'cuda' else 'gloo'}, 1 rank"
     params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2's
-    opt = build_optimizer(model, OptimConfig(lr=LR[spec.method]))
+    if stack.in_backward:
+        notes += "; AdamW per tensor inside the backward, no clipping"
+        optim = OptimConfig(lr=LR[spec.method], max_grad_norm=0.0, step_in_backward=True)
+    else:
+        optim = OptimConfig(lr=LR[spec.method])
+    opt = build_optimizer(model, optim)
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         with autocast_context(precision, dev):
@@ -473,8 +483,11 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
         if reduce is not None:
             reduce(torch.stack([loss_sum.detach(), n.to(loss_sum.dtype)]))
         loss = loss_sum / n
-        loss.backward()
-        optimizer_update(opt, params)
+        loss.backward()  # with in_backward the updates happen here
+        if stack.in_backward:
+            opt.drop_grad_norm()
+        else:
+            optimizer_update(opt, params)
         return loss.detach()
 
     return Trainee(step, parameter_counts(model)[0], notes)

@@ -47,6 +47,8 @@ def test_fixed_bytes_counts_weights_grads_and_adam_states():
     n = sum(p.numel() for p in model.parameters())  # all trainable, fp32
     buffers = sum(b.untyped_storage().nbytes() for b in model.buffers())
     assert fixed_bytes(model) == 4 * n * 4 + buffers
+    largest = max(p.numel() for p in model.parameters())  # step_in_backward: one grad alive
+    assert fixed_bytes(model, grads=False) == 3 * n * 4 + largest * 4 + buffers
     for p in model.parameters():
         p.requires_grad_(False)
     add_adapter(model, "a", r=4, alpha=8)

@@ -154,6 +154,11 @@ class OptimConfig:
     # master weights + states under autocast (16 bytes/param). Same loss curve within
     # seed noise over 500 steps of real data (benchmarks/RESULTS.md, optimizer_curve.py).
     master_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # apply each parameter's AdamW update as soon as its gradient is complete, during the
+    # backward, and free that gradient (train/optim.py::InBackwardOptimizer): a full set of
+    # gradients never lives at once. Needs grad_accum 1 and max_grad_norm 0 (clipping needs
+    # every gradient at once), not fp16, one process.
+    step_in_backward: bool = False
 
 
 @dataclass
@@ -580,12 +585,38 @@ def _coerce_scalar(value: Any, tp: type, bad: ConfigError) -> Any:
 PAIR_FORMATS = ("preference", "chitchat_next_turn", "chitchat_ratings")
 
 
+def _in_backward_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
+    """optim.step_in_backward: what it cannot do, named by key."""
+    o = cfg.optim
+    if not o.step_in_backward:
+        return
+    if o.grad_accum != 1:
+        raise origins.error(
+            "optim.grad_accum",
+            "key 'optim.grad_accum' must be 1 with 'optim.step_in_backward: true' (each "
+            "gradient is applied and freed as soon as the backward completes it)",
+        )
+    if o.max_grad_norm > 0:
+        raise origins.error(
+            "optim.max_grad_norm",
+            "key 'optim.max_grad_norm' must be 0 with 'optim.step_in_backward: true' "
+            "(clipping to a global norm needs every gradient at once)",
+        )
+    if cfg.precision == "fp16":
+        raise origins.error(
+            "precision",
+            "key 'precision: fp16' cannot be used with 'optim.step_in_backward: true' (the "
+            "grad scaler must see every gradient before any is applied); use bf16",
+        )
+
+
 def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
     """Rules spanning several keys (those of the loop for a TrainConfig too)."""
     if isinstance(cfg, RunConfig):
         _run_checks(cfg, origins)
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume.strip():
         raise origins.error("checkpoint.resume", "key 'checkpoint.resume': empty path")
+    _in_backward_checks(cfg, origins)
     if cfg.activation_offload and not cfg.activation_checkpointing:
         raise origins.error(
             "activation_offload",

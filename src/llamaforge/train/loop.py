@@ -153,8 +153,13 @@ def accumulate_gradients(
     count_fn: CountFn = count_label_tokens,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
+    finite_first: bool = False,
 ) -> WindowStats:
     """Backward every micro-batch's loss sum / the window's unit count; grads accumulate.
+
+    `finite_first` (an optimizer that steps inside the backward) checks each loss before
+    its backward (one sync) and runs no backward for a non-finite one: the window's loss
+    comes back non-finite and nothing was applied.
 
     A window without trainable units gives loss 0 and zero gradients. Under a process group
     the unit count is the window's over all ranks, and each rank's loss is multiplied by the
@@ -178,7 +183,8 @@ def accumulate_gradients(
             with autocast():
                 part, n, *more = loss_fn(model, _to_device(batch, device))
             loss = part / denom * world
-            if loss.requires_grad:
+            skip = finite_first and not bool(torch.isfinite(loss.detach()))
+            if loss.requires_grad and not skip:
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += part.detach().float()
         counted += n
@@ -225,6 +231,15 @@ def optimizer_step(
     Nothing is applied (and the schedule does not advance) when the gradient is not
     finite: the grad scaler's overflow under fp16, a NaN/inf gradient otherwise.
     """
+    if getattr(optimizer, "in_backward", False):  # train/optim.py: applied in the backward
+        if scaler is not None:
+            raise ValueError("optim.step_in_backward cannot run with fp16's grad scaler")
+        norm = optimizer.take_grad_norm()
+        applied = math.isfinite(norm)
+        if applied:
+            optimizer.step()  # counts only (the scheduler expects it first)
+            scheduler.step()
+        return norm, applied
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = _grad_norm(params, max_grad_norm)
@@ -405,8 +420,14 @@ class _Loop:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.total_steps = cfg.max_steps or source.total_steps(cfg.epochs, cfg.optim.grad_accum)
         self.optimizer = build_optimizer(model, cfg.optim)
+        self.in_backward = getattr(self.optimizer, "in_backward", False)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.scaler = self._make_scaler()
+        if self.in_backward and (self.scaler is not None or world_size() > 1):
+            raise UserError(
+                "optim.step_in_backward runs in one process without fp16's grad scaler "
+                f"(precision resolved to {self.precision}, {world_size()} processes)"
+            )
         self.ckpt_dir = self.out_dir / CHECKPOINT_DIR
         # Loop state that checkpoints carry (see `_extra`).
         self.step, self.tokens_seen, self.skipped, self.bad_streak = 0, 0, 0, 0
@@ -541,6 +562,7 @@ class _Loop:
             count_fn=self.count_fn,
             autocast=self.autocast,
             scaler=self.scaler,
+            finite_first=self.in_backward,
         )
         if not math.isfinite(stats.loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -553,6 +575,14 @@ class _Loop:
             max_grad_norm=self.cfg.optim.max_grad_norm,
             scaler=self.scaler,
         )
+        if not applied and self.in_backward:
+            raise NonFiniteLossError(
+                f"a non-finite gradient (norm {norm}) was applied during the backward at step "
+                f"{self.step + 1} (optim.step_in_backward applies each gradient before the "
+                "total is known); the weights in memory are lost, the checkpoints on disk are "
+                "not: resume from the last one with a lower optim.lr, or turn "
+                "optim.step_in_backward off to skip such steps instead"
+            )
         if not applied:
             return self._skip("fp16_overflow" if self.scaler else "nonfinite_grad", norm)
         self._after_step(stats, lr, norm)

@@ -81,10 +81,15 @@ class MemoryPlan:
         tmp.replace(path)
 
 
-def fixed_bytes(model: nn.Module) -> int:
-    """Parameters and buffers, plus grad + 2 AdamW states per trainable parameter."""
+def fixed_bytes(model: nn.Module, grads: bool = True) -> int:
+    """Parameters and buffers, plus grad + 2 AdamW states per trainable parameter.
+
+    `grads=False` (`optim.step_in_backward`): gradients are freed one tensor at a time as
+    they are applied, so only the largest trainable tensor's gradient is counted.
+    """
     seen: set[int] = set()
     total = 0
+    largest = 0
     for t in [*model.parameters(), *model.buffers()]:
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:  # tied weights count once
@@ -92,8 +97,10 @@ def fixed_bytes(model: nn.Module) -> int:
         seen.add(ptr)
         total += t.untyped_storage().nbytes()
         if isinstance(t, nn.Parameter) and t.requires_grad:
-            total += 3 * t.numel() * t.element_size()
-    return total
+            size = t.numel() * t.element_size()
+            total += (3 if grads else 2) * size
+            largest = max(largest, size)
+    return total if grads else total + largest
 
 
 def block_costs(
@@ -199,11 +206,13 @@ def plan_memory(
     rows: int,
     tokens: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    grads: bool = True,
 ) -> MemoryPlan | None:
-    """Measure and choose (None: `auto` on a device whose free memory is unknown)."""
+    """Measure and choose (None: `auto` on a device whose free memory is unknown); `grads`
+    as in `fixed_bytes`."""
     budget = budget_bytes(setting, model.device)
     if budget is None:
         return None
     keep, ckpt = block_costs(model, rows, tokens, autocast)
     strict = setting != "auto"
-    return choose(budget, fixed_bytes(model), keep, ckpt, len(model.layers), strict)
+    return choose(budget, fixed_bytes(model, grads), keep, ckpt, len(model.layers), strict)

@@ -191,6 +191,7 @@ def planned_train_config(
         rows=cfg.optim.batch_size * stage.rows,
         tokens=cfg.data.max_seq_len,
         autocast=lambda: autocast_context(precision, model.device),
+        grads=not cfg.optim.step_in_backward,
     )
     if plan is None:
         return tcfg
