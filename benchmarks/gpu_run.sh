@@ -17,6 +17,9 @@
 #           chitchat-dataset wheel on PYTHONPATH)
 #   offload the issue-16 LoRA/QLoRA rows with checkpointed inputs offloaded to CPU memory (the
 #           16.7 GB / 7.0 GB memory goals: what offload costs at 2 x 2048)
+#   small   SmolLM2 LoRA on real chitchat lengths, packed, default kernels against the fused LoRA
+#           layer (kernels.lora) at 32 and 64 conversations a step, with the peer in the same
+#           run (MODEL=SmolLM2.gguf; the host-bound row of issue 16 item 4)
 #   inbw    1B full fine-tuning with AdamW applied inside the backward (optim.step_in_backward:
 #           gradients freed as applied) against the default, then under a 10 GB budget plan
 #   fused   the LoRA layer as one autograd node (`kernels.lora`) and the residual add fused
@@ -106,6 +109,18 @@ offload)
   tp offload_qlora8b 140 --workload qlora8b --stacks llamaforge,llamaforge-offload --steps 4 \
     --warmup 2
   ;;
+small)
+  for bs in 32 64; do
+    for k in default fused-lora; do
+      modes=packed; [ "$k" = default ] && modes=hf,padded,packed
+      timeout 240 python3 benchmarks/real_lengths.py --model "${MODEL:?set MODEL}" \
+        --tokenizer "$MODEL" --modes $modes --lora-dropout 0 --bs $bs --steps 20 --warmup 3 \
+        --kernels $k --out "$out/real_lengths_bs${bs}_$k.json" >"$out/real_lengths_bs${bs}_$k.log" 2>&1
+      echo "== real_lengths bs $bs kernels $k (exit $?)"
+      grep -i "tokens/s" "$out/real_lengths_bs${bs}_$k.log" | tail -4
+    done
+  done
+  ;;
 inbw)
   tp inbw_full1b 150 --workload full1b --stacks llamaforge,llamaforge-inbw --steps 4 --warmup 2
   tp inbw_full1b_10gb 150 --workload full1b --stacks llamaforge-inbw --memory-budget 10 \
@@ -150,7 +165,7 @@ long350)
   ;;
 *)
   echo "unknown part $part (tests, side, qlora, long, next, long350, plan, adamw, offload, fused, decode," \
-    "quality_hf, quality_ours, inbw)" >&2
+    "quality_hf, quality_ours, inbw, small)" >&2
   exit 2
   ;;
 esac

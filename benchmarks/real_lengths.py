@@ -170,10 +170,13 @@ def trainable_copy(base, args: argparse.Namespace, dev: torch.device, compute: t
         method=args.method, lora=lora, qlora=QloraConfig(), freeze=FreezeConfig()
     )
     apply_method(model, run, compute)
-    if args.kernels == "none":
+    if args.kernels != "default":
         from llamaforge.kernels import Kernels
 
-        model.set_kernels(Kernels.none())
+        # none: every kernel off; fused-lora: the defaults plus the LoRA layer as one
+        # autograd node (`kernels.lora`, opt-in: fewer autograd nodes on a host-bound model)
+        kernels = Kernels.none() if args.kernels == "none" else Kernels(lora=True)
+        model.set_kernels(kernels)
     model.gradient_checkpointing = args.checkpointing
     return model.train()
 
@@ -382,9 +385,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument(
         "--kernels",
-        choices=["default", "none"],
+        choices=["default", "none", "fused-lora"],
         default="default",
-        help="llamaforge's fused kernels at their defaults, or all off (plain PyTorch)",
+        help="llamaforge's fused kernels at their defaults, all off (plain PyTorch), or the "
+        "defaults plus the fused LoRA layer (kernels.lora)",
     )
     p.add_argument(
         "--group-by-length", action="store_true", help="padded batches grouped by length"
