@@ -17,14 +17,25 @@ def test_row_buckets():
     assert row_bucket(5, 6) == 6 and row_bucket(70, 70) == 70  # capped by the engine's rows
 
 
-@pytest.mark.parametrize("attention", [None, *graphs_mod.ATTENTION])  # None: the rule
+VARIANTS = [None, *graphs_mod.ATTENTION, graphs_mod.TRITON_ATTENTION]  # None: the rule
+
+
+@pytest.mark.parametrize("attention", VARIANTS)
 def test_static_decode_equals_plain_path_over_adapters_and_widths(monkeypatch, attention):
     """Rows of many lengths (several width buckets), 4 adapters and the base, staggered;
-    every bucket through the rule's attention or through one variant."""
+    every bucket through the rule's attention or through one variant (the Triton kernel of
+    kernels/decode_attention.py under Triton's interpreter here)."""
     monkeypatch.setattr(graphs_mod, "WIDTH_STEP", 8)
     if attention is not None:
         monkeypatch.setattr(graphs_mod, "default_attention", lambda rows: attention)
+    calls = []
+    if attention == graphs_mod.TRITON_ATTENTION:
+        kernel = decode_attention_kernel(monkeypatch)
+        spy = lambda *a: calls.append(1) or kernel(*a)  # noqa: E731
+        monkeypatch.setattr(graphs_mod, "decode_attention_triton", spy)
     model = with_adapters()
+    if attention == graphs_mod.TRITON_ATTENTION and torch.cuda.is_available():
+        model = model.cuda()  # the kernel runs on the device (fp32 dots there too)
     ps = prompts(11, seed=4, lo=2, hi=45)
     names = [(None, *ADAPTERS)[i % 5] for i in range(11)]
     params = SamplingParams(max_new_tokens=14)
@@ -39,6 +50,21 @@ def test_static_decode_equals_plain_path_over_adapters_and_widths(monkeypatch, a
     widths = {key[1] for key in engine.runner._entries}
     rows = {key[0] for key in engine.runner._entries}
     assert len(widths) > 3 and len(rows) > 2 and engine.runner.captured == 0
+    assert bool(calls) == (attention == graphs_mod.TRITON_ATTENTION)
+
+
+def decode_attention_kernel(monkeypatch):
+    """kernels/decode_attention.py's kernel, interpreted where there is no GPU."""
+    pytest.importorskip("triton")
+    import importlib
+    import os
+
+    from llamaforge.kernels import decode_attention
+
+    if not torch.cuda.is_available():
+        monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+        importlib.reload(decode_attention)
+    return decode_attention.decode_attention_triton
 
 
 def test_one_row_fused_gemv_equals_the_plain_path(monkeypatch):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import capture_graph, replay_ms, triton_available
+from ..kernels.decode_attention import decode_attention_triton
 from ..model.llama import Llama
 from .kv import SlotPool
 from .lora_stack import Selection
@@ -43,6 +44,9 @@ WIDTH_STEP = 256
 # the three on the device once and keep the fastest (`fastest_attention`); eager static
 # runs (and the CPU) take the rule below.
 ATTENTION = ("sdpa", "matmuls", "keys_first")  # "sdpa" with a bool mask, as measured
+# - "triton": kernels/decode_attention.py, two kernels reading each row's keys up to its
+#   position (no mask); timed with the others where Triton runs on the device
+TRITON_ATTENTION = "triton"
 MATMUL_ROWS = 8  # the rule: matmuls up to this many rows, sdpa above
 
 
@@ -119,6 +123,9 @@ class StaticDecode:
         pk[self.write_slot, :, self.write_pos] = k[:, :, 0]
         pv[self.write_slot, :, self.write_pos] = v[:, :, 0]
         keys, values = pk[:b, :, : self.width], pv[:b, :, : self.width]
+        if self.attention == TRITON_ATTENTION:  # rows see keys 0..their position
+            out = decode_attention_triton(q.reshape(b, h, d), keys, values, self.write_pos)
+            return out.view(b, 1, h * d)
         q = q.reshape(b, n_kv, h // n_kv, d)  # the query heads sharing a kv head, as queries
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.seen)
@@ -149,9 +156,15 @@ def fastest_attention(
 
     times: dict[str, float] = {}
     was = static.attention
-    for name in ATTENTION:
+    variants = ATTENTION + ((TRITON_ATTENTION,) if triton_available() else ())
+    for name in variants:
         static.attention = name
-        times[name] = replay_ms(capture_graph(calls)[0]) * 1000 / repeats
+        try:
+            times[name] = replay_ms(capture_graph(calls)[0]) * 1000 / repeats
+        except Exception as e:  # the Triton kernel is a speed choice: time the others
+            if name != TRITON_ATTENTION:
+                raise
+            warnings.warn(f"decode attention kernel failed ({e}); not used", stacklevel=2)
     static.attention = was
     return min(times, key=times.__getitem__), times
 
