@@ -149,3 +149,28 @@ def test_what_it_cannot_do_is_a_config_error(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         config_from_dict(raw, overrides)
     dataclasses.replace(OptimConfig(), step_in_backward=True)  # the dataclass itself is fine
+
+
+def test_same_updates_with_checkpointing_chunked_loss_and_tied_embeddings(tmp_path):
+    """Every block recomputed, the loss over checkpointed chunks of the (tied) LM head: a
+    tensor used in several places of the backward still gets one update a step."""
+    import functools
+
+    from llamaforge.losses import chunked_causal_lm_loss_fn
+
+    loss_fn = functools.partial(chunked_causal_lm_loss_fn, chunk_size=5)
+    models, losses = [], []
+    for in_backward in (False, True):
+        model = random_model("tiny-llama3")
+        model.lm_head.weight = model.embed_tokens.weight  # tied, as SmolLM2 and Llama-3.2
+        src = BatchSource(make_examples(8, seed=3), 2, pad_id=0, seed=1)
+        cfg = dataclasses.replace(cfg_for(4, in_backward), activation_checkpointing=True)
+        res = train(
+            model, source=src, loss_fn=loss_fn, cfg=cfg, out_dir=tmp_path / str(in_backward)
+        )
+        assert model.gradient_checkpointing
+        models.append(model)
+        losses.append(torch.tensor(res.losses))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(models[1].named_parameters(), models[0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
