@@ -182,6 +182,21 @@ def attention_row(rows: int, width: int = 768, seen: int = 640, max_len: int = 4
             fn = functools.partial(two_matmuls, kf)
             out[f"{layout}_{name}_us"] = round(graph_us(fn), 1)
             out[f"{layout}_{name}_max_err"] = (fn().float() - ref).abs().max().item()
+        # the split-key Triton kernel (kernels/decode_attention.py): rows see keys 0..seen-1
+        from llamaforge.kernels.decode_attention import decode_attention_triton
+
+        last = torch.full((rows,), seen - 1, device=DEV, dtype=torch.long)
+        flat_q = q.reshape(rows, 32, 128)
+
+        def kernel(keys=keys, values=values, flat_q=flat_q, last=last):
+            return decode_attention_triton(flat_q, keys, values, last)
+
+        try:
+            out[f"{layout}_triton_us"] = round(graph_us(kernel), 1)
+            got = kernel().float().view(ref.shape)
+            out[f"{layout}_triton_max_err"] = (got - ref).abs().max().item()
+        except Exception as e:  # a compile failure is a result too
+            out[f"{layout}_triton_us"] = str(e)[:80]
     return out
 
 
