@@ -50,3 +50,27 @@ def test_decode_attention_rejects_shapes_it_does_not_compute():
     k = torch.zeros(1, 2, 8, 24, device=DEV)
     with pytest.raises(ValueError, match="decode_attention"):
         da.decode_attention_triton(q, k, k, torch.zeros(1, dtype=torch.long, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kv_write_equals_writing_first(dtype):
+    """Rows 0 and 2 live (their new key lands in their own slot and is attended), row 1 a
+    padding row writing to the scratch slot: the same output and the same pool as an
+    index_put followed by the attention."""
+    g = torch.Generator().manual_seed(3)
+    b, n_kv, h, d, w, slots, max_len = 3, 2, 6, 32, 300, 5, 320
+    pool_k = torch.randn(slots, n_kv, max_len, d, generator=g).to(DEV, dtype)
+    pool_v = torch.randn(slots, n_kv, max_len, d, generator=g).to(DEV, dtype)
+    q = torch.randn(b, h, d, generator=g).to(DEV, dtype)
+    new_k = torch.randn(b, n_kv, d, generator=g).to(DEV, dtype)
+    new_v = torch.randn(b, n_kv, d, generator=g).to(DEV, dtype)
+    slot = torch.tensor([0, slots - 1, 2], device=DEV)
+    pos = torch.tensor([299, 0, 130], device=DEV)
+    want_k, want_v = pool_k.clone(), pool_v.clone()
+    want_k[slot, :, pos], want_v[slot, :, pos] = new_k, new_v
+    want = da.decode_attention_triton(q, want_k[:b, :, :w], want_v[:b, :, :w], pos)
+    got = da.decode_attention_triton(q, pool_k[:b, :, :w], pool_v[:b, :, :w], pos,
+                                     (new_k, new_v, slot))  # fmt: skip
+    torch.testing.assert_close(pool_k, want_k, rtol=0, atol=0)
+    torch.testing.assert_close(pool_v, want_v, rtol=0, atol=0)
+    torch.testing.assert_close(got[[0, 2]].float(), want[[0, 2]].float(), rtol=1e-5, atol=1e-5)

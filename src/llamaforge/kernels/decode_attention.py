@@ -54,19 +54,31 @@ if triton is not None:
     @triton.jit
     def _split(
         q_ptr, k_ptr, v_ptr, last_ptr, m_ptr, l_ptr, acc_ptr,
+        nk_ptr, nv_ptr, slot_ptr, snk_b, snk_h, snv_b, snv_h,
         sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
         scale, H, S,
         REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
-        CHUNK: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
+        CHUNK: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, WRITE: tl.constexpr,
     ):  # fmt: skip
         b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        d0 = tl.arange(0, D)
+        pos = tl.load(last_ptr + b)
+        if WRITE:  # this row's new key/value: stored by the split holding its position, and
+            # read from registers there (the store need not be visible to this program's loads)
+            new_k = tl.load(nk_ptr + b * snk_b + g * snk_h + d0)
+            new_v = tl.load(nv_ptr + b * snv_b + g * snv_h + d0)
+            slot = tl.load(slot_ptr + b)
+            if pos // CHUNK == s:
+                tl.store(k_ptr + slot * sk_b + g * sk_h + pos * sk_n + d0, new_k)
+                tl.store(v_ptr + slot * sv_b + g * sv_h + pos * sv_n + d0, new_v)
+            mine = slot == b  # a padding row writes to the scratch slot and reads its own
         r = tl.arange(0, REP_P)
         r_ok = r < REP
-        d = tl.arange(0, D)
+        d = d0
         heads = g * REP + r
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=r_ok[:, None],
                     other=0.0)  # fmt: skip
-        n_keys = tl.load(last_ptr + b) + 1
+        n_keys = pos + 1
         start = s * CHUNK
         m_i = tl.full((REP_P,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((REP_P,), dtype=tl.float32)
@@ -78,6 +90,10 @@ if triton is not None:
                         mask=n_ok[:, None], other=0.0)  # fmt: skip
             v = tl.load(v_ptr + b * sv_b + g * sv_h + n[:, None] * sv_n + d[None, :],
                         mask=n_ok[:, None], other=0.0)  # fmt: skip
+            if WRITE:
+                here = ((n == pos) & mine)[:, None]
+                k = tl.where(here, new_k[None, :].to(k.dtype), k)
+                v = tl.where(here, new_v[None, :].to(v.dtype), v)
             if IEEE:
                 sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
@@ -119,12 +135,19 @@ if triton is not None:
 
 
 def decode_attention_triton(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    last: torch.Tensor,
+    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The two kernels (CUDA, or the CPU under TRITON_INTERPRET=1); the reference's contract.
 
     q (B, H, D) with unit stride along D; keys/values (B, K, W, D) views with unit stride
-    along D (the slot pool's rows); last (B,) int, 0 <= last[b] < W; D a power of 2.
+    along D (the slot pool's first B slots); last (B,) int, 0 <= last[b] < W; D a power of
+    2. `new` = (k, v, slot), k/v (B, K, D), slot (B,) int: row b's key/value is first stored
+    at (slot[b], last[b]) of the pool the views start at (every slot[b] a slot of that
+    pool) and, where slot[b] == b, attended at its position: the KV write fused in.
     """
     b, h, d = q.shape
     n_kv, w = keys.shape[1], keys.shape[2]
@@ -152,13 +175,25 @@ def decode_attention_triton(
     lse = torch.empty_like(m)
     acc = torch.empty(b, h, splits, d, dtype=torch.float32, device=dev)
     out = torch.empty(b, h * d, dtype=q.dtype, device=dev)
+    if new is not None:
+        nk, nv, slot = new
+        if (
+            nk.shape != (b, n_kv, d)
+            or nv.shape != nk.shape
+            or nk.stride(2) != 1
+            or nv.stride(2) != 1
+        ):
+            raise ValueError(f"decode_attention: new k {tuple(nk.shape)}, v {tuple(nv.shape)}")
+        new_args = (nk, nv, slot, nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1))
+    else:
+        new_args = (q, q, last, 0, 0, 0, 0)  # unused
     _split[(b, n_kv, splits)](
-        q, keys, values, last, m, lse, acc,
+        q, keys, values, last, m, lse, acc, *new_args,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         1.0 / math.sqrt(d), h, splits,
         REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=d, CHUNK=chunk, BLOCK=BLOCK_N,
-        IEEE=q.dtype == torch.float32 or interpreting(),
+        IEEE=q.dtype == torch.float32 or interpreting(), WRITE=new is not None,
     )  # fmt: skip
     _combine[(b * h,)](
         m, lse, acc, out, splits, out.stride(0), h, D=d, S_P=max(2, triton.next_power_of_2(splits))

@@ -45,7 +45,8 @@ WIDTH_STEP = 256
 # runs (and the CPU) take the rule below.
 ATTENTION = ("sdpa", "matmuls", "keys_first")  # "sdpa" with a bool mask, as measured
 # - "triton": kernels/decode_attention.py, two kernels reading each row's keys up to its
-#   position (no mask); timed with the others where Triton runs on the device
+#   position (no mask), the new key/value stored by the first; timed with the others where
+#   Triton runs on the device
 TRITON_ATTENTION = "triton"
 MATMUL_ROWS = 8  # the rule: matmuls up to this many rows, sdpa above
 
@@ -120,12 +121,14 @@ class StaticDecode:
         b, h, _, d = q.shape
         n_kv = k.shape[1]
         pk, pv = self.pool.k[layer], self.pool.v[layer]
+        keys, values = pk[:b, :, : self.width], pv[:b, :, : self.width]
+        if self.attention == TRITON_ATTENTION:  # rows see keys 0..their position; the kernel
+            # also stores each row's new key/value (the two index_puts below, fused in)
+            new = (k[:, :, 0], v[:, :, 0], self.write_slot)
+            out = decode_attention_triton(q.reshape(b, h, d), keys, values, self.write_pos, new)
+            return out.view(b, 1, h * d)
         pk[self.write_slot, :, self.write_pos] = k[:, :, 0]
         pv[self.write_slot, :, self.write_pos] = v[:, :, 0]
-        keys, values = pk[:b, :, : self.width], pv[:b, :, : self.width]
-        if self.attention == TRITON_ATTENTION:  # rows see keys 0..their position
-            out = decode_attention_triton(q.reshape(b, h, d), keys, values, self.write_pos)
-            return out.view(b, 1, h * d)
         q = q.reshape(b, n_kv, h // n_kv, d)  # the query heads sharing a kv head, as queries
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.seen)
