@@ -61,20 +61,19 @@ if triton is not None:
         CHUNK: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, WRITE: tl.constexpr,
     ):  # fmt: skip
         b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        d0 = tl.arange(0, D)
+        d = tl.arange(0, D)
         pos = tl.load(last_ptr + b)
         if WRITE:  # this row's new key/value: stored by the split holding its position, and
             # read from registers there (the store need not be visible to this program's loads)
-            new_k = tl.load(nk_ptr + b * snk_b + g * snk_h + d0)
-            new_v = tl.load(nv_ptr + b * snv_b + g * snv_h + d0)
+            new_k = tl.load(nk_ptr + b * snk_b + g * snk_h + d)
+            new_v = tl.load(nv_ptr + b * snv_b + g * snv_h + d)
             slot = tl.load(slot_ptr + b)
             if pos // CHUNK == s:
-                tl.store(k_ptr + slot * sk_b + g * sk_h + pos * sk_n + d0, new_k)
-                tl.store(v_ptr + slot * sv_b + g * sv_h + pos * sv_n + d0, new_v)
+                tl.store(k_ptr + slot * sk_b + g * sk_h + pos * sk_n + d, new_k)
+                tl.store(v_ptr + slot * sv_b + g * sv_h + pos * sv_n + d, new_v)
             mine = slot == b  # a padding row writes to the scratch slot and reads its own
         r = tl.arange(0, REP_P)
         r_ok = r < REP
-        d = d0
         heads = g * REP + r
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=r_ok[:, None],
                     other=0.0)  # fmt: skip

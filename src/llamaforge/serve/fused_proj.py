@@ -64,10 +64,10 @@ class FusedGroup:
         y = F.linear(x, self.weight)
         if shared is not None:
             c, flat = sel.cols, y.view(-1, y.shape[-1])
-            edges = (0, *self.bounds, y.shape[-1])
-            for m, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
+            for m in range(len(self.names)):  # member m's columns are the same in both
+                lo, hi = shared.offsets[m], shared.offsets[m + 1]
                 h = shared.shrink(x, m).reshape(-1, c)  # each row's masked projection
-                flat[:, lo:hi].addmm_(h, shared.bt[:c, lo:hi])
+                flat[:, lo:hi].addmm_(h, shared.member_bt(m)[:c])
         return y.split(self.sizes, dim=-1)
 
     def _gemv(self, x: torch.Tensor, shared: SharedShrink | None) -> torch.Tensor:
@@ -75,11 +75,8 @@ class FusedGroup:
         x2 = x.reshape(1, -1)
         if shared is None:
             return gemv_lora_triton(x2, self.weight)
-        c, m = self.selection.cols, len(self.names)
-        # unmasked projections of all members, (1, c*M) column-major over members: h[m, j]
-        # sits at j*M + m; the kernel applies the row's column mask
-        h = torch.matmul(x2.to(shared.a.dtype), shared.a[:c].reshape(c * m, -1).T)
-        h = h.view(c, m).T  # (M, c), strides (1, M)
+        c = self.selection.cols
+        h = shared.project(x2)[:, 0]  # (M, c) unmasked; the kernel applies the row's mask
         mask = self.selection.mask.reshape(-1)[:c]
         return gemv_lora_triton(x2, self.weight, h, shared.bt[:c], mask, self.bounds)
 

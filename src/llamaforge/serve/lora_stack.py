@@ -100,15 +100,19 @@ class SharedShrink:
         """Member m's scaled B^T (cols, out): a view into the shared buffer."""
         return self.bt[:, self.offsets[m] : self.offsets[m + 1]]
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's unmasked x A^T in one matmul: an (M, ..., cols in use) view."""
+        c, n = self.selection.cols, self.members
+        flat = x.reshape(-1, x.shape[-1]).to(self.a.dtype)  # (N, in)
+        h = torch.matmul(flat, self.a[:c].reshape(c * n, -1).T)  # (N, c*M), column-major
+        return h.view(*x.shape[:-1], c, n).movedim(-1, 0)
+
     def shrink(self, x: torch.Tensor, m: int) -> torch.Tensor:
         """Member m's (x A_m^T) * mask, (..., cols in use)."""
         if x is not self._x or self._h is None:
-            sel, c, n = self.selection, self.selection.cols, self.members
-            flat = x.reshape(-1, x.shape[-1]).to(self.a.dtype)  # (N, in)
-            h = torch.matmul(flat, self.a[:c].reshape(c * n, -1).T)  # (N, c*M), column-major
-            h = h.view(*x.shape[:-1], c, n).movedim(-1, 0)  # (M, ..., c) view
+            h = self.project(x)
             out = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # member-major
-            self._h = torch.mul(h, sel.mask, out=out)
+            self._h = torch.mul(h, self.selection.mask, out=out)
             self._x = x
         return self._h[m]
 

@@ -87,17 +87,17 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr})
         self.inner: list[torch.optim.Optimizer] = []
         self._sq: torch.Tensor | None = None
-        self._handles = []
         for group in self.param_groups:
             hyper = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
                 opt = make([{**hyper, "params": [p]}])
                 self.inner.append(opt)
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt, group)))
+                p.register_post_accumulate_grad_hook(self._hook(opt, group))
 
     def _hook(self, opt: torch.optim.Optimizer, group: dict) -> Callable[[torch.Tensor], None]:
         def apply(p: torch.Tensor) -> None:
-            sq = p.grad.detach().float().pow(2).sum()
+            # squared norm reduced in fp32 without an fp32 copy of the gradient
+            sq = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
             self._sq = sq if self._sq is None else self._sq + sq
             opt.param_groups[0]["lr"] = group["lr"]
             opt.step()
@@ -114,7 +114,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         """Forget the running norm without reading it (no device sync)."""
         self._sq = None
 
-    @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - the hooks did the work
         if closure is not None:
             raise ValueError("InBackwardOptimizer.step takes no closure")
@@ -140,12 +139,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             opt.load_state_dict(sd)
         for g, lr in zip(self.param_groups, state["lr"], strict=True):
             g["lr"] = lr
-
-    def remove_hooks(self) -> None:
-        """Detach from the parameters (a later backward leaves gradients in place again)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
