@@ -85,3 +85,42 @@ def test_grouped_gemv_rejects_bad_bounds():
         gemv.gemv_lora_triton(x, w, bounds=(2, 4, 6))
     with pytest.raises(ValueError, match="gemv_lora"):  # h has one member, bounds say two
         gemv.gemv_lora_triton(x, w, torch.zeros(1, 4, device=DEV), torch.zeros(4, 12), None, (6,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("j", "k"), [(16, 300), (48, 4096), (40, 9000)])
+def test_shrink_partial_sums_add_up_to_x_a_t(dtype, j, k):
+    """One slice (K=300), 16 slices (4096) and fewer, longer slices past 32 x 256 (9000)."""
+    g = torch.Generator().manual_seed(j + k)
+    x = torch.randn(1, k, generator=g).to(DEV, dtype)
+    a = torch.randn(j, k, generator=g).to(DEV, dtype)
+    parts = gemv.shrink_triton(x, a)
+    assert parts.dtype == torch.float32 and parts.shape[1] == j
+    assert parts.shape[0] == -(-k // (256 * -(-k // (256 * 32))))
+    want = x.float() @ a.float().T
+    torch.testing.assert_close(parts.sum(0, keepdim=True), want, atol=1e-3 * k**0.5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [(40,), (48, 16, 16), (40, 24)])
+def test_gemv_adds_up_the_shrinks_partial_sums(sizes):
+    """The engine's one-row LoRA layer: the shrink's (S, c*M) partial sums of the members'
+    column-major A, read as h (S, M, c) with the row's mask, equal the reference with the
+    summed projection."""
+    g = torch.Generator().manual_seed(len(sizes))
+    n, k, m, c = sum(sizes), 600, len(sizes), 32
+    bounds = tuple(int(b) for b in torch.tensor(sizes).cumsum(0)[:-1])
+    x = torch.randn(1, k, generator=g).to(DEV)
+    w = torch.randn(n, k, generator=g).to(DEV)
+    a = torch.randn(c, m, k, generator=g).to(DEV)  # (cols, members, in), as SharedShrink holds it
+    bt = torch.randn(c, n, generator=g).to(DEV)
+    mask = (torch.arange(c) >= 16).to(DEV, torch.float32)
+    parts = gemv.shrink_triton(x, a.reshape(c * m, k))
+    assert parts.shape[0] > 1
+    h = parts.view(-1, c, m).transpose(1, 2)
+    got = gemv.gemv_lora_triton(x, w, h, bt, mask, bounds)
+    h_full = torch.einsum("k,cmk->mc", x[0], a)  # (M, c)
+    want = gemv.gemv_lora_ref(x, w, h_full, bt, mask, bounds)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        gemv.gemv_lora_ref(x, w, h, bt, mask, bounds), want, atol=1e-3, rtol=1e-4
+    )

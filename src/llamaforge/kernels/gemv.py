@@ -16,6 +16,10 @@ column n adds sum_r h[m(n), r] * mask[r] * bt[r, n] where m(n) is n's member. Th
 `mask` (R,) keeps each row's own adapter columns; folding it in here saves the separate
 multiply of the batched path.
 
+The shrink h = x A^T itself is `shrink_triton`: one kernel writing (S, M*R) fp32 partial sums
+over S slices of the input, which the GEMV's programs add up as they read h, so the one-row
+LoRA layer is two kernels (cuBLAS's shrink alone is a GEMM plus a split-K reduction).
+
 `gemv_lora_ref` is the definition (plain PyTorch, also the CPU path); the engine decides by
 timing on the device whether its one-row decode step uses the kernel (`serve/graphs.py`).
 """
@@ -43,9 +47,11 @@ def gemv_lora_ref(
     bounds: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """x (1, K) @ w (N, K)^T, plus member m's (h[m] * mask) @ bt[:, its columns] if given:
-    (1, N) in x's dtype. Members split the N outputs at `bounds` (none: one member)."""
+    (1, N) in x's dtype. Members split the N outputs at `bounds` (none: one member); h is
+    (M, R), or (S, M, R) partial sums of it."""
     y = F.linear(x.float(), w.float())
     if h is not None:
+        h = h.float().sum(0) if h.dim() == 3 else h  # partial sums over K splits
         hm = h.float() * (1.0 if mask is None else mask.float().reshape(1, -1))  # (M, R)
         edges = (0, *bounds, w.shape[0])
         for m, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
@@ -76,8 +82,12 @@ if triton is not None:
         R: tl.constexpr,
         stride_w,
         stride_bt,
+        stride_hs,
         stride_hm,
         stride_hr,
+        SPLITS: tl.constexpr,  # h holds this many partial sums (the shrink's K splits)
+        SPLITS_P: tl.constexpr,
+        MEMBERS: tl.constexpr,
         HAS_LORA: tl.constexpr,
         HAS_MASK: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -99,21 +109,25 @@ if triton is not None:
             acc += tl.sum(wt * xk[None, :], axis=1)
         if HAS_LORA:
             member = (n >= B1).to(tl.int32) + (n >= B2).to(tl.int32)  # (BLOCK_N,)
+            sp = tl.arange(0, SPLITS_P)
             for r0 in range(0, R, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = r < R
-                both = r_ok[:, None] & n_ok[None, :]
-                hr = tl.load(
-                    h_ptr + member[None, :] * stride_hm + r[:, None] * stride_hr,
-                    mask=both,
-                    other=0.0,
-                ).to(tl.float32)  # (BLOCK_R, BLOCK_N): each output's member's projection
+                hp = h_ptr + sp[:, None] * stride_hs + r[None, :] * stride_hr
+                h_ok = (sp < SPLITS)[:, None] & r_ok[None, :]
+                # each member's projection summed over the shrink's K splits: (BLOCK_R,)
+                hr = tl.sum(tl.load(hp, mask=h_ok, other=0.0).to(tl.float32), axis=0)[:, None]
+                if MEMBERS > 1:
+                    h1 = tl.sum(tl.load(hp + stride_hm, mask=h_ok, other=0.0).to(tl.float32), 0)
+                    hr = tl.where(member[None, :] >= 1, h1[:, None], hr)
+                if MEMBERS > 2:
+                    h2 = tl.load(hp + 2 * stride_hm, mask=h_ok, other=0.0).to(tl.float32)
+                    hr = tl.where(member[None, :] >= 2, tl.sum(h2, 0)[:, None], hr)
                 if HAS_MASK:
                     hr = hr * tl.load(mask_ptr + r, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-                b = tl.load(bt_ptr + r[:, None] * stride_bt + n[None, :], mask=both, other=0.0).to(
-                    tl.float32
-                )
-                acc += tl.sum(b * hr, axis=0)
+                b = tl.load(bt_ptr + r[:, None] * stride_bt + n[None, :],
+                            mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+                acc += tl.sum(b.to(tl.float32) * hr, axis=0)
         tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -128,7 +142,8 @@ def gemv_lora_triton(
     """The kernel (CUDA, or the CPU under TRITON_INTERPRET=1); same contract as the reference.
 
     x (1, K) contiguous; w (N, K) and bt (R, N) with unit stride along their last dimension;
-    h (M, R) with M = len(bounds) + 1 <= 3, any strides; mask (R,) contiguous.
+    h (M, R), or (S, M, R) partial sums that the kernel adds up (`shrink_triton`'s), with
+    M = len(bounds) + 1 <= 3, any strides; mask (R,) contiguous.
     """
     n, k = w.shape
     if x.shape != (1, k) or w.stride(1) != 1 or not x.is_contiguous():
@@ -138,28 +153,32 @@ def gemv_lora_triton(
         raise ValueError(f"gemv_lora: member bounds {bounds} for {n} outputs (at most 3 members)")
     lora = h is not None
     if lora and (
-        h.shape[0] != members
+        h.dim() not in (2, 3)
+        or h.shape[-2] != members
         or bt is None
-        or bt.shape != (h.shape[1], n)
+        or bt.shape != (h.shape[-1], n)
         or bt.stride(1) != 1
-        or (mask is not None and (mask.shape != (h.shape[1],) or not mask.is_contiguous()))
+        or (mask is not None and (mask.shape != (h.shape[-1],) or not mask.is_contiguous()))
     ):
         raise ValueError(
             f"gemv_lora: h {tuple(h.shape)} against bt {_shape(bt)}, mask {_shape(mask)}"
         )
-    r = h.shape[1] if lora else 0
+    r = h.shape[-1] if lora else 0
     h_arg = h if lora else x  # (unused pointers where there is no adapter / mask)
     bt_arg = bt if lora else w
     mask_arg = mask if mask is not None else x
     b1, b2 = (*bounds, n, n)[:2]
-    hm, hr = (h.stride(0), h.stride(1)) if lora else (0, 0)
+    splits = h.shape[0] if lora and h.dim() == 3 else 1
+    hs = h.stride(0) if lora and h.dim() == 3 else 0
+    hm, hr = (h.stride(-2), h.stride(-1)) if lora else (0, 0)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
 
     def launch(cfg: tuple[int, int, int]) -> None:
         block_n, block_k, warps = cfg
         _gemv_lora[(triton.cdiv(n, block_n),)](
             x, w, h_arg, mask_arg, bt_arg, y, n, b1, b2, k, r, w.stride(0), bt_arg.stride(0),
-            hm, hr, HAS_LORA=lora, HAS_MASK=mask is not None, BLOCK_R=16 if r <= 16 else 32,
+            hs, hm, hr, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), MEMBERS=members,
+            HAS_LORA=lora, HAS_MASK=mask is not None, BLOCK_R=16 if r <= 16 else 32,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
 
@@ -168,6 +187,49 @@ def gemv_lora_triton(
         _chosen[key] = CONFIGS[0] if interpreting() else _fastest(launch)
     launch(_chosen[key])
     return y
+
+
+# the shrink's input slice per program: 256-wide steps, at most 32 slices (their partial sums
+# are what every program of the GEMV that follows adds up)
+SHRINK_BLOCK_K, SHRINK_MAX_SPLITS, SHRINK_BLOCK_J = 256, 32, 16
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink(x_ptr, a_ptr, p_ptr, J, K, stride_a,
+                K_PER: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        s = tl.program_id(0)
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_ok = j < J
+        acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
+        for k0 in range(0, K_PER, BLOCK_K):
+            k = s * K_PER + k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xk = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            at = tl.load(a_ptr + j[:, None].to(tl.int64) * stride_a + k[None, :],
+                         mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            acc += tl.sum(at.to(tl.float32) * xk[None, :], axis=1)
+        tl.store(p_ptr + s * J + j, acc, mask=j_ok)
+
+
+def shrink_triton(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x (1, K) @ a (J, K)^T as (S, J) fp32 partial sums over S slices of K, one kernel.
+
+    A one-row LoRA shrink reads a few hundred kB; cuBLAS runs it as a split-K GEMM plus a
+    reduction kernel (~6 us on an H200). This is the split without the reduction: the GEMV
+    that expands it (`gemv_lora_triton`, h of shape (S, M, R)) adds the partial sums up.
+    """
+    j, k = a.shape
+    if x.shape != (1, k) or a.stride(1) != 1 or not x.is_contiguous():
+        raise ValueError(f"shrink: x {tuple(x.shape)} against a {tuple(a.shape)}")
+    steps = max(1, -(-k // (SHRINK_BLOCK_K * SHRINK_MAX_SPLITS)))
+    k_per = SHRINK_BLOCK_K * steps
+    splits = -(-k // k_per)
+    p = torch.empty(splits, j, dtype=torch.float32, device=x.device)
+    _shrink[(splits, triton.cdiv(j, SHRINK_BLOCK_J))](
+        x, a, p, j, k, a.stride(0), K_PER=k_per, BLOCK_J=SHRINK_BLOCK_J, BLOCK_K=SHRINK_BLOCK_K
+    )
+    return p
 
 
 def _fastest(launch) -> tuple[int, int, int]:

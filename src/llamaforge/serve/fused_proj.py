@@ -25,7 +25,7 @@ from torch import nn
 
 from ..adapters.lora import LoRALinear
 from ..kernels import interpreting, triton_available
-from ..kernels.gemv import gemv_lora_triton
+from ..kernels.gemv import gemv_lora_triton, shrink_triton
 from .lora_stack import Selection, SharedShrink, SlotStack
 
 GROUPS = (("self_attn", "fused_qkv", ("q_proj", "k_proj", "v_proj")),
@@ -75,8 +75,11 @@ class FusedGroup:
         x2 = x.reshape(1, -1)
         if shared is None:
             return gemv_lora_triton(x2, self.weight)
-        c = self.selection.cols
-        h = shared.project(x2)[:, 0]  # (M, c) unmasked; the kernel applies the row's mask
+        c, m = self.selection.cols, len(self.names)
+        # every member's unmasked x A^T as partial sums (S, c*M), A's rows column-major over
+        # the members: h[s, m, j] = parts[s, j*M + m]; the kernel sums them, applies the mask
+        parts = shrink_triton(x2, shared.a[:c].reshape(c * m, -1))
+        h = parts.view(-1, c, m).transpose(1, 2)
         mask = self.selection.mask.reshape(-1)[:c]
         return gemv_lora_triton(x2, self.weight, h, shared.bt[:c], mask, self.bounds)
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..adapters.lora import LoRALinear, lora_modules
 from ..kernels import interpreting, triton_available
-from ..kernels.gemv import gemv_lora_triton
+from ..kernels.gemv import gemv_lora_triton, shrink_triton
 
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -148,8 +148,9 @@ class SlotStack:
             x2, h, bt, mask = x.reshape(1, -1), None, None, None
             if sel.mask is not None:
                 bt = self.bt[: sel.cols]
-                if self.shared is None:  # unmasked x A^T; the kernel applies the row's mask
-                    h = torch.matmul(x2.to(self.a.dtype), self.a[: sel.cols].T)
+                if self.shared is None:  # unmasked x A^T (partial sums, one kernel); the
+                    # GEMV adds them up and applies the row's mask
+                    h = shrink_triton(x2.to(self.a.dtype), self.a[: sel.cols])[:, None]
                     mask = sel.mask.reshape(-1)[: sel.cols]
                 else:
                     h = self.shrink(x).reshape(1, -1)
