@@ -74,3 +74,35 @@ def test_the_fused_kv_write_equals_writing_first(dtype):
     torch.testing.assert_close(pool_k, want_k, rtol=0, atol=0)
     torch.testing.assert_close(pool_v, want_v, rtol=0, atol=0)
     torch.testing.assert_close(got[[0, 2]].float(), want[[0, 2]].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_the_kernel_equals_rotating_first(dtype):
+    """q and the new key handed over unrotated with each row's cos/sin tables: the same
+    output and the same stored key as kernels/rope.py's rotation followed by the kernel."""
+    from llamaforge.kernels.rope import rope_ref
+    from llamaforge.model.llama import rope_cos_sin, rope_inv_freq
+
+    g = torch.Generator().manual_seed(5)
+    b, n_kv, h, d, w, slots, max_len = 3, 2, 6, 32, 300, 4, 320
+    pool_k = torch.randn(slots, n_kv, max_len, d, generator=g).to(DEV, dtype)
+    pool_v = torch.randn(slots, n_kv, max_len, d, generator=g).to(DEV, dtype)
+    q = torch.randn(b, h, 1, d, generator=g).to(DEV, dtype)
+    new_k = torch.randn(b, n_kv, 1, d, generator=g).to(DEV, dtype)
+    new_v = torch.randn(b, n_kv, d, generator=g).to(DEV, dtype)
+    pos = torch.tensor([299, 7, 130], device=DEV)
+    slot = torch.arange(b, device=DEV)
+    cos, sin = rope_cos_sin(pos[:, None], rope_inv_freq(d, 10000.0, None).to(DEV), dtype)
+    q_rot, k_rot = rope_ref(q.float(), new_k.float(), cos.float(), sin.float())
+    q_rot, k_rot = q_rot.to(dtype), k_rot.to(dtype)  # rotated in fp32, rounded once
+    want_k, want_v = pool_k.clone(), pool_v.clone()
+    want = da.decode_attention_triton(q_rot[:, :, 0], want_k[:b, :, :w], want_v[:b, :, :w], pos,
+                                      (k_rot[:, :, 0], new_v, slot))  # fmt: skip
+    got = da.decode_attention_triton(q[:, :, 0], pool_k[:b, :, :w], pool_v[:b, :, :w], pos,
+                                     (new_k[:, :, 0], new_v, slot), (cos, sin))  # fmt: skip
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(pool_k, want_k, atol=tol, rtol=tol)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="rope"):
+        da.decode_attention_triton(q[:, :, 0], pool_k[:b, :, :w], pool_v[:b, :, :w], pos,
+                                   None, (cos, sin))  # fmt: skip

@@ -124,3 +124,30 @@ def test_gemv_adds_up_the_shrinks_partial_sums(sizes):
     torch.testing.assert_close(
         gemv.gemv_lora_ref(x, w, h, bt, mask, bounds), want, atol=1e-3, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lora", [False, True])
+def test_swiglu_folded_into_the_input_loads(dtype, lora):
+    """The MLP's down projection at one row reading [gate | up]: the GEMV (and the shrink
+    that feeds its LoRA epilogue) equal silu(gate) * up rounded to the input dtype, then the
+    plain layer; the input given in the wrong width is refused."""
+    g = torch.Generator().manual_seed(11)
+    n, k, c = 40, 600, 16
+    gate_up = torch.randn(1, 2 * k, generator=g).to(DEV, dtype)
+    w = torch.randn(n, k, generator=g).to(DEV, dtype)
+    a = torch.randn(c, k, generator=g).to(DEV, dtype)
+    bt = torch.randn(c, n, generator=g).to(DEV, dtype)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    x = (torch.nn.functional.silu(gate) * up).to(dtype)
+    h = gemv.shrink_triton(gate_up, a, glu=True)[:, None] if lora else None
+    got = gemv.gemv_lora_triton(gate_up, w, h, bt if lora else None, glu=True)
+    want = gemv.gemv_lora_ref(x, w, (x.float() @ a.float().T) if lora else None,
+                              bt if lora else None)  # fmt: skip
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * k**0.5, rtol=tol)
+    torch.testing.assert_close(gemv.gemv_lora_ref(gate_up, w, glu=True), gemv.gemv_lora_ref(x, w))
+    with pytest.raises(ValueError, match="gemv_lora"):
+        gemv.gemv_lora_triton(x, w, glu=True)
+    with pytest.raises(ValueError, match="shrink"):
+        gemv.shrink_triton(x, a, glu=True)

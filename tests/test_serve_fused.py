@@ -111,7 +111,8 @@ def test_adapters_loaded_after_fusing(tmp_path):
 
 def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
     """One-row buckets through the grouped GEMV (Triton's interpreter here), 4 adapters and
-    the base: same tokens as generate, and the grouped kernel computed q/k/v and gate/up."""
+    the base: same tokens as generate, the grouped kernel computed q/k/v and gate/up, and
+    the down projection read [gate | up] with the SwiGLU folded in."""
     pytest.importorskip("triton")
     from llamaforge.kernels import gemv
     from llamaforge.serve import lora_stack
@@ -122,13 +123,15 @@ def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
     real = gemv.gemv_lora_triton
     grouped: list[int] = []
 
-    def spy(x, w, h=None, bt=None, mask=None, bounds=()):
+    def spy(x, w, h=None, bt=None, mask=None, bounds=(), glu=False):
         if bounds:
             grouped.append(len(bounds) + 1)
-        return real(x, w, h, bt, mask, bounds)
+        if glu:
+            grouped.append("glu")  # the down projection with the SwiGLU in its input loads
+        return real(x, w, h, bt, mask, bounds, glu)
 
     monkeypatch.setattr(fused_proj, "gemv_lora_triton", spy)
-    monkeypatch.setattr(lora_stack, "gemv_lora_triton", real)
+    monkeypatch.setattr(lora_stack, "gemv_lora_triton", spy)
     force_one_row_gemv(monkeypatch)
     model = with_adapters().to("cuda" if torch.cuda.is_available() else "cpu")
     ps = prompts(3, seed=8, lo=2, hi=20)
@@ -138,4 +141,4 @@ def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
     engine = Engine(model, max_batch=1, max_len=40, graphs="static", fuse_projections=True)
     got = [engine.generate([p], params, [n])[0] for p, n in zip(ps, names, strict=True)]
     assert got == want
-    assert 3 in grouped and 2 in grouped
+    assert 3 in grouped and 2 in grouped and "glu" in grouped

@@ -82,7 +82,9 @@ def test_one_row_fused_gemv_equals_the_plain_path(monkeypatch):
         importlib.reload(gemv)  # interpreted kernels (lora_stack's reference follows)
     calls = []
     real = lora_stack.gemv_lora_triton
-    monkeypatch.setattr(lora_stack, "gemv_lora_triton", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        lora_stack, "gemv_lora_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     force_one_row_gemv(monkeypatch)
     model = with_adapters().to("cuda" if torch.cuda.is_available() else "cpu")
     ps = prompts(3, seed=8, lo=2, hi=20)

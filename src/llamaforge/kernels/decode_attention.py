@@ -58,18 +58,27 @@ if triton is not None:
     @triton.jit
     def _split(
         q_ptr, k_ptr, v_ptr, last_ptr, m_ptr, l_ptr, acc_ptr,
-        nk_ptr, nv_ptr, slot_ptr, snk_b, snk_h, snv_b, snv_h,
+        nk_ptr, nv_ptr, slot_ptr, snk_b, snk_h, snv_b, snv_h, cos_ptr, sin_ptr, sc_b, ss_b,
         sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
         scale, H, S,
         REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
         CHUNK: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr, WRITE: tl.constexpr,
+        ROPE: tl.constexpr,
     ):  # fmt: skip
         b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         d = tl.arange(0, D)
         pos = tl.load(last_ptr + b)
+        if ROPE:  # rotate-half RoPE of the row's position: dimension i pairs with i +- D/2
+            partner = (d + D // 2) % D
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            cos = tl.load(cos_ptr + b * sc_b + d).to(tl.float32)
+            sin = tl.load(sin_ptr + b * ss_b + d).to(tl.float32) * sign
         if WRITE:  # this row's new key/value: stored by the split holding its position, and
             # read from registers there (the store need not be visible to this program's loads)
             new_k = tl.load(nk_ptr + b * snk_b + g * snk_h + d)
+            if ROPE:  # rotated in fp32 and rounded once, as kernels/rope.py does
+                k_pair = tl.load(nk_ptr + b * snk_b + g * snk_h + partner).to(tl.float32)
+                new_k = (new_k.to(tl.float32) * cos + k_pair * sin).to(new_k.dtype)
             new_v = tl.load(nv_ptr + b * snv_b + g * snv_h + d)
             slot = tl.load(slot_ptr + b)
             if pos // CHUNK == s:
@@ -81,6 +90,10 @@ if triton is not None:
         heads = g * REP + r
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=r_ok[:, None],
                     other=0.0)  # fmt: skip
+        if ROPE:
+            q_pair = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + partner[None, :],
+                             mask=r_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            q = (q.to(tl.float32) * cos[None, :] + q_pair * sin[None, :]).to(q.dtype)
         n_keys = pos + 1
         start = s * CHUNK
         m_i = tl.full((REP_P,), float("-inf"), dtype=tl.float32)
@@ -143,6 +156,7 @@ def decode_attention_triton(
     values: torch.Tensor,
     last: torch.Tensor,
     new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The two kernels (CUDA, or the CPU under TRITON_INTERPRET=1); the reference's contract.
 
@@ -151,6 +165,11 @@ def decode_attention_triton(
     2. `new` = (k, v, slot), k/v (B, K, D), slot (B,) int: row b's key/value is first stored
     at (slot[b], last[b]) of the pool the views start at (every slot[b] a slot of that
     pool) and, where slot[b] == b, attended at its position: the KV write fused in.
+
+    `rope` = (cos, sin), each (B, ..., D) with unit stride along D and one position per row
+    (`rope_cos_sin`'s tables): q and the new key are rotated first (rotate-half RoPE, in
+    fp32, rounded to their dtype as `kernels/rope.py` rounds), so the caller skips that
+    kernel; it needs `new`.
     """
     b, h, d = q.shape
     n_kv, w = keys.shape[1], keys.shape[2]
@@ -192,13 +211,24 @@ def decode_attention_triton(
         new_args = (nk, nv, slot, nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1))
     else:
         new_args = (q, q, last, 0, 0, 0, 0)  # unused
+    if rope is not None:
+        cos, sin = (t.reshape(t.shape[0], -1) for t in rope)
+        if new is None or any(t.shape != (b, d) or t.stride(1) != 1 for t in (cos, sin)):
+            raise ValueError(
+                f"decode_attention: rope tables {tuple(rope[0].shape)} for q {tuple(q.shape)}"
+                + ("" if new is not None else " (rope needs the new key/value)")
+            )
+        rope_args = (cos, sin, cos.stride(0), sin.stride(0))
+    else:
+        rope_args = (q, q, 0, 0)  # unused
     _split[(b, n_kv, splits)](
-        q, keys, values, last, m, lse, acc, *new_args,
+        q, keys, values, last, m, lse, acc, *new_args, *rope_args,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         1.0 / math.sqrt(d), h, splits,
         REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=d, CHUNK=chunk, BLOCK=BLOCK_N,
         IEEE=q.dtype == torch.float32 or interpreting(), WRITE=new is not None,
+        ROPE=rope is not None,
     )  # fmt: skip
     _combine[(b * h,)](
         m, lse, acc, out, splits, out.stride(0), h, D=d, S_P=max(2, triton.next_power_of_2(splits))

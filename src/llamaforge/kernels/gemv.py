@@ -45,10 +45,15 @@ def gemv_lora_ref(
     bt: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     bounds: tuple[int, ...] = (),
+    glu: bool = False,
 ) -> torch.Tensor:
     """x (1, K) @ w (N, K)^T, plus member m's (h[m] * mask) @ bt[:, its columns] if given:
     (1, N) in x's dtype. Members split the N outputs at `bounds` (none: one member); h is
-    (M, R), or (S, M, R) partial sums of it."""
+    (M, R), or (S, M, R) partial sums of it. glu: x is (1, 2K) [gate | up] and the input is
+    silu(gate) * up in x's dtype (the MLP's down projection with its SwiGLU folded in)."""
+    if glu:
+        gate, up = x.float().chunk(2, dim=-1)
+        x = (F.silu(gate) * up).to(x.dtype)
     y = F.linear(x.float(), w.float())
     if h is not None:
         h = h.float().sum(0) if h.dim() == 3 else h  # partial sums over K splits
@@ -66,6 +71,16 @@ CONFIGS = ((8, 1024, 8), (4, 1024, 4), (16, 256, 8))
 _chosen: dict[tuple, tuple[int, int, int]] = {}  # (N, K, R, dtype, device) -> config
 
 if triton is not None:
+
+    @triton.jit
+    def _input(x_ptr, k, k_ok, K, GLU: tl.constexpr):
+        """x[k] in fp32, or silu(x[k]) * x[K + k] rounded to x's dtype as kernels/swiglu.py
+        rounds its output (tl.exp, not tl.sigmoid: Triton's interpreter, see there)."""
+        if GLU:
+            g = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + k, mask=k_ok, other=0.0).to(tl.float32)
+            return (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
 
     @triton.jit
     def _gemv_lora(
@@ -88,6 +103,7 @@ if triton is not None:
         SPLITS: tl.constexpr,  # h holds this many partial sums (the shrink's K splits)
         SPLITS_P: tl.constexpr,
         MEMBERS: tl.constexpr,
+        GLU: tl.constexpr,  # x is (1, 2K) [gate | up] and the input is silu(gate) * up
         HAS_LORA: tl.constexpr,
         HAS_MASK: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -100,7 +116,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
-            xk = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            xk = _input(x_ptr, k, k_ok, K, GLU)
             wt = tl.load(
                 w_ptr + n[:, None].to(tl.int64) * stride_w + k[None, :],
                 mask=n_ok[:, None] & k_ok[None, :],
@@ -138,6 +154,7 @@ def gemv_lora_triton(
     bt: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     bounds: tuple[int, ...] = (),
+    glu: bool = False,
 ) -> torch.Tensor:
     """The kernel (CUDA, or the CPU under TRITON_INTERPRET=1); same contract as the reference.
 
@@ -146,7 +163,7 @@ def gemv_lora_triton(
     M = len(bounds) + 1 <= 3, any strides; mask (R,) contiguous.
     """
     n, k = w.shape
-    if x.shape != (1, k) or w.stride(1) != 1 or not x.is_contiguous():
+    if x.shape != (1, 2 * k if glu else k) or w.stride(1) != 1 or not x.is_contiguous():
         raise ValueError(f"gemv_lora: x {tuple(x.shape)} against w {tuple(w.shape)}")
     members = len(bounds) + 1
     if members > 3 or list(bounds) != sorted(bounds) or any(not 0 < b < n for b in bounds):
@@ -178,11 +195,11 @@ def gemv_lora_triton(
         _gemv_lora[(triton.cdiv(n, block_n),)](
             x, w, h_arg, mask_arg, bt_arg, y, n, b1, b2, k, r, w.stride(0), bt_arg.stride(0),
             hs, hm, hr, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), MEMBERS=members,
-            HAS_LORA=lora, HAS_MASK=mask is not None, BLOCK_R=16 if r <= 16 else 32,
+            GLU=glu, HAS_LORA=lora, HAS_MASK=mask is not None, BLOCK_R=16 if r <= 16 else 32,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
 
-    key = (n, k, r, x.dtype, x.device)
+    key = (n, k, r, x.dtype, x.device, glu)
     if key not in _chosen:
         _chosen[key] = CONFIGS[0] if interpreting() else _fastest(launch)
     launch(_chosen[key])
@@ -196,8 +213,8 @@ SHRINK_BLOCK_K, SHRINK_MAX_SPLITS, SHRINK_BLOCK_J = 256, 32, 16
 if triton is not None:
 
     @triton.jit
-    def _shrink(x_ptr, a_ptr, p_ptr, J, K, stride_a,
-                K_PER: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    def _shrink(x_ptr, a_ptr, p_ptr, J, K, stride_a, K_PER: tl.constexpr,
+                BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr):  # fmt: skip
         s = tl.program_id(0)
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         j_ok = j < J
@@ -205,30 +222,32 @@ if triton is not None:
         for k0 in range(0, K_PER, BLOCK_K):
             k = s * K_PER + k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
-            xk = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            xk = _input(x_ptr, k, k_ok, K, GLU)
             at = tl.load(a_ptr + j[:, None].to(tl.int64) * stride_a + k[None, :],
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
             acc += tl.sum(at.to(tl.float32) * xk[None, :], axis=1)
         tl.store(p_ptr + s * J + j, acc, mask=j_ok)
 
 
-def shrink_triton(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x (1, K) @ a (J, K)^T as (S, J) fp32 partial sums over S slices of K, one kernel.
+def shrink_triton(x: torch.Tensor, a: torch.Tensor, glu: bool = False) -> torch.Tensor:
+    """x (1, K) @ a (J, K)^T as (S, J) fp32 partial sums over S slices of K, one kernel
+    (glu: x is (1, 2K) [gate | up] and the input silu(gate) * up, as in `gemv_lora_ref`).
 
     A one-row LoRA shrink reads a few hundred kB; cuBLAS runs it as a split-K GEMM plus a
     reduction kernel (~6 us on an H200). This is the split without the reduction: the GEMV
     that expands it (`gemv_lora_triton`, h of shape (S, M, R)) adds the partial sums up.
     """
     j, k = a.shape
-    if x.shape != (1, k) or a.stride(1) != 1 or not x.is_contiguous():
+    if x.shape != (1, 2 * k if glu else k) or a.stride(1) != 1 or not x.is_contiguous():
         raise ValueError(f"shrink: x {tuple(x.shape)} against a {tuple(a.shape)}")
     steps = max(1, -(-k // (SHRINK_BLOCK_K * SHRINK_MAX_SPLITS)))
     k_per = SHRINK_BLOCK_K * steps
     splits = -(-k // k_per)
     p = torch.empty(splits, j, dtype=torch.float32, device=x.device)
     _shrink[(splits, triton.cdiv(j, SHRINK_BLOCK_J))](
-        x, a, p, j, k, a.stride(0), K_PER=k_per, BLOCK_J=SHRINK_BLOCK_J, BLOCK_K=SHRINK_BLOCK_K
-    )
+        x, a, p, j, k, a.stride(0), K_PER=k_per, BLOCK_J=SHRINK_BLOCK_J,
+        BLOCK_K=SHRINK_BLOCK_K, GLU=glu,
+    )  # fmt: skip
     return p
 
 

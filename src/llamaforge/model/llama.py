@@ -162,6 +162,8 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if getattr(cache, "rope_in_attend", False):  # the serving engine's decode kernel
+            return self.o_proj(cache.attend(self.layer, q, k, v, rope=(cos, sin)))
         q, k = rope(q, k, cos, sin, self.kernels.rope)
         if isinstance(mask, Segments):  # packed rows, no cache: (B*T, H, D) per document
             out = varlen_attention(q, k, v, mask.cu_seqlens, mask.max_len)  # (B*T, H, D)
@@ -221,6 +223,10 @@ class MLP(nn.Module):
 
     def _swiglu_mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:  # as Attention.fused_qkv
+            glu_down = getattr(self.fused_gate_up, "glu_down", None)  # one decode row: the
+            y = glu_down(x, self.down_proj) if glu_down is not None else None  # SwiGLU in
+            if y is not None:  # the down projection's kernels
+                return y
             gate, up = self.fused_gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

@@ -26,7 +26,7 @@ from torch import nn
 from ..adapters.lora import LoRALinear
 from ..kernels import interpreting, triton_available
 from ..kernels.gemv import gemv_lora_triton, shrink_triton
-from .lora_stack import Selection, SharedShrink, SlotStack
+from .lora_stack import Selection, SharedShrink, SlotStack, one_row_glu_linear
 
 GROUPS = (("self_attn", "fused_qkv", ("q_proj", "k_proj", "v_proj")),
           ("mlp", "fused_gate_up", ("gate_proj", "up_proj")))  # fmt: skip
@@ -69,6 +69,23 @@ class FusedGroup:
                 h = shared.shrink(x, m).reshape(-1, c)  # each row's masked projection
                 flat[:, lo:hi].addmm_(h, shared.member_bt(m)[:c])
         return y.split(self.sizes, dim=-1)
+
+    def glu_down(self, x: torch.Tensor, down: nn.Module) -> torch.Tensor | None:
+        """down(silu(gate) * up) of a gate/up group at one row: the group's GEMV, then the
+        down projection's GEMV (and shrink) reading [gate | up] with the SwiGLU in their
+        input loads, so the MLP is two or four kernels. None where that path does not apply
+        (the MLP then runs as usual)."""
+        sel = self.selection
+        if len(self.names) != 2 or not sel.gemv or x.shape[:-1].numel() != 1:
+            return None
+        if not triton_available() or not (x.is_cuda or interpreting()):
+            return None
+        shared = self._mode(x, self.layers)
+        down_glu = one_row_glu_linear(down, x)
+        if shared is False or down_glu is None:
+            return None
+        gate_up = self._gemv(x, None if sel.mask is None else shared)  # (1, 2 ffn)
+        return down_glu(gate_up).view(*x.shape[:-1], -1)
 
     def _gemv(self, x: torch.Tensor, shared: SharedShrink | None) -> torch.Tensor:
         """One row: the stacked GEMV with every member's delta in its epilogue."""

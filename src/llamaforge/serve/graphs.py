@@ -116,8 +116,22 @@ class StaticDecode:
             sel = (cols[None, :] == want[:, None]).to(self.lora_mask.dtype)[:, None]
             self.lora_mask.copy_(sel, non_blocking=True)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store each row's k/v (B, K, 1, D), attend q (B, H, 1, D): out (B, 1, H*D)."""
+    @property
+    def rope_in_attend(self) -> bool:
+        """Whether `attend` rotates q and k itself (the Triton variant: `Attention` then
+        hands them over unrotated with the tables, one kernel fewer a layer)."""
+        return self.attention == TRITON_ATTENTION
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Store each row's k/v (B, K, 1, D), attend q (B, H, 1, D): out (B, 1, H*D).
+        `rope` = (cos, sin): q and k are not rotated yet (only where `rope_in_attend`)."""
         b, h, _, d = q.shape
         n_kv = k.shape[1]
         pk, pv = self.pool.k[layer], self.pool.v[layer]
@@ -125,8 +139,12 @@ class StaticDecode:
         if self.attention == TRITON_ATTENTION:  # rows see keys 0..their position; the kernel
             # also stores each row's new key/value (the two index_puts below, fused in)
             new = (k[:, :, 0], v[:, :, 0], self.write_slot)
-            out = decode_attention_triton(q.reshape(b, h, d), keys, values, self.write_pos, new)
+            out = decode_attention_triton(
+                q.reshape(b, h, d), keys, values, self.write_pos, new, rope
+            )
             return out.view(b, 1, h * d)
+        if rope is not None:
+            raise ValueError(f"attention {self.attention!r} takes rotated q and k")
         pk[self.write_slot, :, self.write_pos] = k[:, :, 0]
         pv[self.write_slot, :, self.write_pos] = v[:, :, 0]
         q = q.reshape(b, n_kv, h // n_kv, d)  # the query heads sharing a kv head, as queries
@@ -153,9 +171,13 @@ def fastest_attention(
     the model's shapes.
     """
 
-    def calls() -> None:
+    b, _, _, d = q.shape
+    tables = (torch.ones(b, 1, 1, d, dtype=q.dtype, device=q.device),
+              torch.zeros(b, 1, 1, d, dtype=q.dtype, device=q.device))  # fmt: skip
+
+    def calls() -> None:  # the Triton variant's time includes the RoPE it takes over
         for _ in range(repeats):
-            static.attend(0, q, k, v)
+            static.attend(0, q, k, v, rope=tables if static.rope_in_attend else None)
 
     times: dict[str, float] = {}
     was = static.attention
