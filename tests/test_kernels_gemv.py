@@ -151,3 +151,30 @@ def test_swiglu_folded_into_the_input_loads(dtype, lora):
         gemv.gemv_lora_triton(x, w, glu=True)
     with pytest.raises(ValueError, match="shrink"):
         gemv.shrink_triton(x, a, glu=True)
+
+
+def test_the_shrink_stores_the_swiglu_input_and_the_gemv_adds_the_residual():
+    """The down projection's LoRA path: the shrink writes silu(gate) * up (rounded to the
+    input dtype) for the GEMV, which adds the block's residual to its rounded result."""
+    g = torch.Generator().manual_seed(12)
+    n, k, c, dtype = 24, 700, 16, torch.bfloat16
+    gate_up = torch.randn(1, 2 * k, generator=g).to(DEV, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEV, dtype)  # outputs of order 1
+    a = (torch.randn(c, k, generator=g) / k**0.5).to(DEV, dtype)
+    bt = (torch.randn(c, n, generator=g) / c**0.5).to(DEV, dtype)
+    res = torch.randn(1, n, generator=g).to(DEV, dtype)
+    x_in = torch.full((1, k), float("nan"), device=DEV, dtype=dtype)
+    parts = gemv.shrink_triton(gate_up, a, glu=True, glu_out=x_in)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    x = (torch.nn.functional.silu(gate) * up).to(dtype)
+    torch.testing.assert_close(x_in.float(), x.float(), atol=1e-2, rtol=1e-2)
+    got = gemv.gemv_lora_triton(x_in, w, parts[:, None], bt, residual=res)
+    want = gemv.gemv_lora_ref(x, w, x.float() @ a.float().T, bt, residual=res)
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
+    plain = gemv.gemv_lora_ref(x, w, x.float() @ a.float().T, bt)
+    assert torch.equal(gemv.gemv_lora_ref(x, w, x.float() @ a.float().T, bt, residual=res),
+                       plain + res)  # fmt: skip
+    with pytest.raises(ValueError, match="residual"):
+        gemv.gemv_lora_triton(x_in, w, residual=res[:, :5])
+    with pytest.raises(ValueError, match="glu_out"):
+        gemv.shrink_triton(gate_up, a, glu=True, glu_out=x_in[:, :5])

@@ -123,12 +123,12 @@ def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
     real = gemv.gemv_lora_triton
     grouped: list[int] = []
 
-    def spy(x, w, h=None, bt=None, mask=None, bounds=(), glu=False):
+    def spy(x, w, h=None, bt=None, mask=None, bounds=(), glu=False, residual=None):
         if bounds:
             grouped.append(len(bounds) + 1)
-        if glu:
-            grouped.append("glu")  # the down projection with the SwiGLU in its input loads
-        return real(x, w, h, bt, mask, bounds, glu)
+        if glu or residual is not None:  # the down projection: the SwiGLU in its input
+            grouped.append("glu" if glu else "residual")  # loads or stored by its shrink
+        return real(x, w, h, bt, mask, bounds, glu, residual)
 
     monkeypatch.setattr(fused_proj, "gemv_lora_triton", spy)
     monkeypatch.setattr(lora_stack, "gemv_lora_triton", spy)
@@ -141,4 +141,4 @@ def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
     engine = Engine(model, max_batch=1, max_len=40, graphs="static", fuse_projections=True)
     got = [engine.generate([p], params, [n])[0] for p, n in zip(ps, names, strict=True)]
     assert got == want
-    assert 3 in grouped and 2 in grouped and "glu" in grouped
+    assert 3 in grouped and 2 in grouped and {"glu", "residual"} <= set(grouped)

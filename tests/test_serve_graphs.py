@@ -180,3 +180,73 @@ def test_one_row_bucket_times_the_fused_gemv_unless_switched_off():
     model.set_kernels(Kernels(gemv=False))
     off = Engine(model, max_batch=4, max_len=64, graphs="cuda")
     assert off.generate(ps, params, ["a"]) == got and not off.runner.gemv
+
+
+def test_decoding_one_step_ahead_gives_the_same_tokens(monkeypatch):
+    """Greedy rows over adapters, with different lengths, a stop token and late joins: the
+    next step starts before the host reads this one's tokens (the static path here, the
+    Triton attention interpreted); every request equals its solo result, steps run ahead
+    were used, and the ones made stale (a row finishing, a join, a sampled row) were not."""
+    kernel = decode_attention_kernel(monkeypatch)
+    monkeypatch.setattr(graphs_mod, "decode_attention_triton", kernel)
+    monkeypatch.setattr(graphs_mod, "default_attention", lambda rows: graphs_mod.TRITON_ATTENTION)
+    model = with_adapters()
+    ps = prompts(5, seed=12, lo=2, hi=30)
+    names = [None, *ADAPTERS[:3], None]
+    lengths = [12, 5, 16, 9, 14]
+    ref_params = [SamplingParams(max_new_tokens=k) for k in lengths]
+    ref = [solo_reference(model, p, q, n) for p, q, n in zip(ps, ref_params, names, strict=True)]
+    stop = ref[2][7]  # row 2 stops at its 8th token (a stop token ends it there)
+    ref[2] = ref[2][: ref[2].index(stop)]
+    ref_params[2] = SamplingParams(max_new_tokens=16, stop_ids=(stop,))
+    engine = Engine(model, max_batch=4, max_len=64, prefill_chunk=32, graphs="static")
+    engine.runner.run_ahead = True
+    reqs = [
+        engine.submit(Request(p, q, n))
+        for p, q, n in zip(ps[:3], ref_params[:3], names[:3], strict=True)
+    ]
+    for _ in range(6):
+        engine.step()
+    reqs += [
+        engine.submit(Request(p, q, n))
+        for p, q, n in zip(ps[3:], ref_params[3:], names[3:], strict=True)
+    ]
+    engine.wait(reqs)
+    assert [r.output for r in reqs] == ref
+    assert engine.runner.ahead_used > 10
+    # row 2's stop token was not foreseen: the step run ahead past it was recomputed
+    assert engine.runner.ahead_launched > engine.runner.ahead_used
+    sampled = SamplingParams(max_new_tokens=6, temperature=0.8, seed=3)
+    before = engine.runner.ahead_used
+    again = engine.generate([ps[0]], sampled, [None])
+    assert engine.runner.ahead_used == before  # a sampled row is never run ahead
+    engine.runner.run_ahead = False
+    assert engine.generate([ps[0]], sampled, [None]) == again
+
+
+def test_a_step_run_ahead_is_dropped_when_the_adapter_changes(monkeypatch):
+    """An adapter refreshed between two steps (as PPO does after an update): the step run
+    ahead with the old weights is not used; the same as decoding without running ahead."""
+    kernel = decode_attention_kernel(monkeypatch)
+    monkeypatch.setattr(graphs_mod, "decode_attention_triton", kernel)
+    monkeypatch.setattr(graphs_mod, "default_attention", lambda rows: graphs_mod.TRITON_ATTENTION)
+    from llamaforge.adapters.lora import lora_modules
+
+    def run(ahead: bool) -> tuple[list[int], int]:
+        model = with_adapters()
+        engine = Engine(model, max_batch=2, max_len=64, graphs="static")
+        engine.runner.run_ahead = ahead
+        req = engine.submit(Request(prompts(1, seed=5)[0], SamplingParams(max_new_tokens=12),
+                                    ADAPTERS[1]))  # fmt: skip
+        while len(req.output) < 5:
+            engine.step()
+        with torch.no_grad():
+            for _, m in lora_modules(model):
+                if ADAPTERS[1] in m.lora_B:
+                    m.lora_B[ADAPTERS[1]].mul_(-4.0)
+        engine.refresh_adapter(ADAPTERS[1])
+        engine.wait([req])
+        return req.output, engine.runner.ahead_used
+
+    (plain, _), (ahead, used) = run(False), run(True)
+    assert ahead == plain and used > 0

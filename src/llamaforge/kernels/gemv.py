@@ -46,11 +46,13 @@ def gemv_lora_ref(
     mask: torch.Tensor | None = None,
     bounds: tuple[int, ...] = (),
     glu: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (1, K) @ w (N, K)^T, plus member m's (h[m] * mask) @ bt[:, its columns] if given:
     (1, N) in x's dtype. Members split the N outputs at `bounds` (none: one member); h is
     (M, R), or (S, M, R) partial sums of it. glu: x is (1, 2K) [gate | up] and the input is
-    silu(gate) * up in x's dtype (the MLP's down projection with its SwiGLU folded in)."""
+    silu(gate) * up in x's dtype (the MLP's down projection with its SwiGLU folded in);
+    `residual` (1, N) is added to the rounded result (the block's residual add)."""
     if glu:
         gate, up = x.float().chunk(2, dim=-1)
         x = (F.silu(gate) * up).to(x.dtype)
@@ -61,13 +63,16 @@ def gemv_lora_ref(
         edges = (0, *bounds, w.shape[0])
         for m, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
             y[:, lo:hi] += hm[m : m + 1] @ bt[:, lo:hi].float()
+    if residual is not None:
+        return y.to(x.dtype) + residual
     return y.to(x.dtype)
 
 
 # (BLOCK_N, BLOCK_K, num_warps): the best tilings of a plain GEMV on the H200 for the 8B
-# shapes were (8, 1024, 8), (4, 1024, 4) and (16, 256, 8) (benchmarks/decode_pieces.py)
-# (three, to bound the compiles: each shape compiles every config once, cached on disk by Triton)
-CONFIGS = ((8, 1024, 8), (4, 1024, 4), (16, 256, 8))
+# shapes were (8, 1024, 8), (4, 1024, 4) and (16, 256, 8) (benchmarks/decode_pieces.py), plus
+# three more to choose from (six, to bound the compiles: each shape compiles every config once,
+# cached on disk by Triton)
+CONFIGS = ((8, 1024, 8), (4, 1024, 4), (16, 256, 8), (8, 512, 4), (16, 512, 8), (32, 256, 8))
 _chosen: dict[tuple, tuple[int, int, int]] = {}  # (N, K, R, dtype, device) -> config
 
 if triton is not None:
@@ -89,6 +94,7 @@ if triton is not None:
         h_ptr,
         mask_ptr,
         bt_ptr,
+        res_ptr,
         y_ptr,
         N,
         B1,  # first output column of the second / third member (N where there is none)
@@ -106,6 +112,7 @@ if triton is not None:
         GLU: tl.constexpr,  # x is (1, 2K) [gate | up] and the input is silu(gate) * up
         HAS_LORA: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        HAS_RES: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -144,6 +151,9 @@ if triton is not None:
                 b = tl.load(bt_ptr + r[:, None] * stride_bt + n[None, :],
                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
                 acc += tl.sum(b.to(tl.float32) * hr, axis=0)
+        if HAS_RES:  # the block's residual add, rounded as y + residual would round
+            res = tl.load(res_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + res
         tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -155,6 +165,7 @@ def gemv_lora_triton(
     mask: torch.Tensor | None = None,
     bounds: tuple[int, ...] = (),
     glu: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel (CUDA, or the CPU under TRITON_INTERPRET=1); same contract as the reference.
 
@@ -188,18 +199,23 @@ def gemv_lora_triton(
     splits = h.shape[0] if lora and h.dim() == 3 else 1
     hs = h.stride(0) if lora and h.dim() == 3 else 0
     hm, hr = (h.stride(-2), h.stride(-1)) if lora else (0, 0)
+    if residual is not None and (residual.shape != (1, n) or not residual.is_contiguous()):
+        raise ValueError(f"gemv_lora: residual {tuple(residual.shape)} for {n} outputs")
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    res_arg = residual if residual is not None else y
 
     def launch(cfg: tuple[int, int, int]) -> None:
         block_n, block_k, warps = cfg
         _gemv_lora[(triton.cdiv(n, block_n),)](
-            x, w, h_arg, mask_arg, bt_arg, y, n, b1, b2, k, r, w.stride(0), bt_arg.stride(0),
+            x, w, h_arg, mask_arg, bt_arg, res_arg, y, n, b1, b2, k, r, w.stride(0),
+            bt_arg.stride(0),
             hs, hm, hr, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), MEMBERS=members,
-            GLU=glu, HAS_LORA=lora, HAS_MASK=mask is not None, BLOCK_R=16 if r <= 16 else 32,
+            GLU=glu, HAS_LORA=lora, HAS_MASK=mask is not None,
+            HAS_RES=residual is not None, BLOCK_R=16 if r <= 16 else 32,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
 
-    key = (n, k, r, x.dtype, x.device, glu)
+    key = (n, k, r, x.dtype, x.device, glu)  # (the residual costs the same everywhere)
     if key not in _chosen:
         _chosen[key] = CONFIGS[0] if interpreting() else _fastest(launch)
     launch(_chosen[key])
@@ -213,8 +229,9 @@ SHRINK_BLOCK_K, SHRINK_MAX_SPLITS, SHRINK_BLOCK_J = 256, 32, 16
 if triton is not None:
 
     @triton.jit
-    def _shrink(x_ptr, a_ptr, p_ptr, J, K, stride_a, K_PER: tl.constexpr,
-                BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr):  # fmt: skip
+    def _shrink(x_ptr, a_ptr, p_ptr, xo_ptr, J, K, stride_a, K_PER: tl.constexpr,
+                BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr,
+                WRITE_X: tl.constexpr):  # fmt: skip
         s = tl.program_id(0)
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         j_ok = j < J
@@ -223,15 +240,22 @@ if triton is not None:
             k = s * K_PER + k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
             xk = _input(x_ptr, k, k_ok, K, GLU)
+            if WRITE_X:  # the first column block stores silu(gate) * up for the GEMV after
+                first = tl.program_id(1) == 0
+                tl.store(xo_ptr + k, xk.to(xo_ptr.dtype.element_ty), mask=k_ok & first)
             at = tl.load(a_ptr + j[:, None].to(tl.int64) * stride_a + k[None, :],
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
             acc += tl.sum(at.to(tl.float32) * xk[None, :], axis=1)
         tl.store(p_ptr + s * J + j, acc, mask=j_ok)
 
 
-def shrink_triton(x: torch.Tensor, a: torch.Tensor, glu: bool = False) -> torch.Tensor:
+def shrink_triton(
+    x: torch.Tensor, a: torch.Tensor, glu: bool = False, glu_out: torch.Tensor | None = None
+) -> torch.Tensor:
     """x (1, K) @ a (J, K)^T as (S, J) fp32 partial sums over S slices of K, one kernel
-    (glu: x is (1, 2K) [gate | up] and the input silu(gate) * up, as in `gemv_lora_ref`).
+    (glu: x is (1, 2K) [gate | up] and the input silu(gate) * up, as in `gemv_lora_ref`;
+    `glu_out` (1, K), contiguous, then receives that input, so the GEMV after it reads it
+    plainly instead of computing the SwiGLU again in each of its programs).
 
     A one-row LoRA shrink reads a few hundred kB; cuBLAS runs it as a split-K GEMM plus a
     reduction kernel (~6 us on an H200). This is the split without the reduction: the GEMV
@@ -243,10 +267,13 @@ def shrink_triton(x: torch.Tensor, a: torch.Tensor, glu: bool = False) -> torch.
     steps = max(1, -(-k // (SHRINK_BLOCK_K * SHRINK_MAX_SPLITS)))
     k_per = SHRINK_BLOCK_K * steps
     splits = -(-k // k_per)
+    write = glu_out is not None
+    if write and (not glu or glu_out.shape != (1, k) or not glu_out.is_contiguous()):
+        raise ValueError(f"shrink: glu_out {tuple(glu_out.shape)} for a (1, {k}) input")
     p = torch.empty(splits, j, dtype=torch.float32, device=x.device)
     _shrink[(splits, triton.cdiv(j, SHRINK_BLOCK_J))](
-        x, a, p, j, k, a.stride(0), K_PER=k_per, BLOCK_J=SHRINK_BLOCK_J,
-        BLOCK_K=SHRINK_BLOCK_K, GLU=glu,
+        x, a, p, glu_out if write else p, j, k, a.stride(0), K_PER=k_per,
+        BLOCK_J=SHRINK_BLOCK_J, BLOCK_K=SHRINK_BLOCK_K, GLU=glu, WRITE_X=write,
     )  # fmt: skip
     return p
 

@@ -211,8 +211,15 @@ class MLP(nn.Module):
         self.kernels = Kernels()
         self.fused_gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """mlp(x), or residual + mlp(x) (added in the last kernel where the engine can)."""
         b, t = x.shape[0], x.shape[1]
+        if residual is not None:
+            if t == 1 and self.fused_gate_up is not None:
+                y = self._glu_down(x, residual)
+                if y is not None:
+                    return y
+            return residual + self(x)
         if not self.chunk_tokens or b * t <= self.chunk_tokens or t == 1:
             return self._swiglu_mlp(x)
         run = self._swiglu_mlp
@@ -223,14 +230,19 @@ class MLP(nn.Module):
 
     def _swiglu_mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is not None:  # as Attention.fused_qkv
-            glu_down = getattr(self.fused_gate_up, "glu_down", None)  # one decode row: the
-            y = glu_down(x, self.down_proj) if glu_down is not None else None  # SwiGLU in
-            if y is not None:  # the down projection's kernels
+            y = self._glu_down(x)
+            if y is not None:
                 return y
             gate, up = self.fused_gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(swiglu(gate, up, self.kernels.swiglu))
+
+    def _glu_down(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The serving engine's one-row MLP (serve/fused_proj.py: the SwiGLU in the down
+        projection's kernels, the residual in its epilogue), or None where it does not run."""
+        glu_down = getattr(self.fused_gate_up, "glu_down", None)
+        return None if glu_down is None else glu_down(x, self.down_proj, residual)
 
 
 class Block(nn.Module):
@@ -247,7 +259,7 @@ class Block(nn.Module):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         norm = self.post_attention_layernorm  # its norm fused with the residual add before it
         h, normed = add_rms_norm(x, attn, norm.weight, norm.eps, norm.kernels.residual_rmsnorm)
-        return h + self.mlp(normed)
+        return self.mlp(normed, residual=h)
 
 
 class Llama(nn.Module):

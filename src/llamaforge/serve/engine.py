@@ -186,6 +186,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.finished: Counter[str] = Counter()  # requests per finish reason
+        self._epoch = 0  # batch changes (joins, releases, adapters): a step run ahead is stale
 
     # ------------------------------------------------------------------ adapters
 
@@ -205,6 +206,7 @@ class Engine:
                 raise ValueError(
                     f"all {self.stacks.selection.max_loras} adapter slots are in use (--max-loras)"
                 )
+            self._epoch += 1
             load_peft_adapter(self.model, adapter_dir, adapter_name=name, activate=False)
             try:
                 self.stacks.add(name)
@@ -219,6 +221,7 @@ class Engine:
                 raise UnknownAdapter(name)
             if any(r.adapter == name for r in [*self._waiting, *self._active]):
                 raise ValueError(f"adapter {name!r} is in use by running requests")
+            self._epoch += 1
             self.stacks.remove(name)
             self._drop_from_layers(name)
 
@@ -230,6 +233,7 @@ class Engine:
     def refresh_adapter(self, name: str) -> None:
         """Re-read adapter `name` from the model's LoRA layers (e.g. after a training step)."""
         with self._step_lock:
+            self._epoch += 1
             self.stacks.refresh(name)
 
     # ------------------------------------------------------------------ requests
@@ -375,6 +379,7 @@ class Engine:
                         self._finish(r, CANCELLED)
                 self._release_finished()
             while self._waiting and len(self._active) < self.max_batch:
+                self._epoch += 1
                 r = self._waiting.popleft()
                 r.slot = len(self._active)
                 self._active.append(r)
@@ -429,10 +434,14 @@ class Engine:
         live = [i for i, r in enumerate(rows) if r.pending is not None]
         if not live:
             return
+        ahead = None
         if self.runner is not None:  # bucketed static buffers (CUDA graphs on a GPU)
             slots = [None if r.adapter is None else self.stacks.slots[r.adapter] for r in rows]
             tokens = [r.pending for r in rows]
-            logits = self.runner.logits(tokens, [r.cached for r in rows], slots)
+            logits = self.runner.logits(tokens, [r.cached for r in rows], slots, self._epoch)
+            if len(live) == len(rows) and self._can_run_ahead(rows):
+                nxt, runner, epoch = [r.cached + 1 for r in rows], self.runner, self._epoch
+                ahead = lambda dev, host: runner.launch_ahead(dev, host, nxt, slots, epoch)  # noqa: E731
             if len(live) < len(rows):
                 logits = logits.index_select(0, torch.tensor(live, device=logits.device))
         else:
@@ -446,9 +455,26 @@ class Engine:
         for r in fed:
             r.cached += 1
             r.pending = None
-        self._sample_and_accept(fed, logits)
+        self._sample_and_accept(fed, logits, ahead)
 
-    def _sample_and_accept(self, rows: list[Request], logits: torch.Tensor) -> None:
+    def _can_run_ahead(self, rows: list[Request]) -> bool:
+        """Whether every row will greedily take one more token after this step whatever it
+        is, so the next step can start before the host sees this one's (a stop token, a
+        stop string or a join still can end it: the runner then recomputes)."""
+        if self._waiting or self._cancels:
+            return False
+        return all(
+            r.sampling.temperature <= 0
+            and r.seen is None
+            and r.logprobs is None
+            and not r.cancelled
+            and len(r.output) + 1 < r.params.max_new_tokens
+            and r.cached + 1 < self.max_len
+            for r in rows
+        )
+
+    def _sample_and_accept(self, rows: list[Request], logits: torch.Tensor,
+                           ahead: Callable | None = None) -> None:  # fmt: skip
         seen = None
         if any(r.seen is not None for r in rows):
             blank = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -458,8 +484,18 @@ class Engine:
         lps = tops = None
         if want:
             lps, tops = logprob_info(logits, tokens, max(want))
+        if ahead is not None and lps is None:  # start the next step, then read the tokens
+            host = tokens.to("cpu", non_blocking=True)
+            copied = torch.cuda.Event() if tokens.is_cuda else None
+            if copied is not None:
+                copied.record()
+            ahead(tokens, host)
+            if copied is not None:
+                copied.synchronize()  # this step's tokens only, not the step run ahead
+        else:
+            host = tokens.cpu()
         now = time.perf_counter()
-        for i, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+        for i, (r, t) in enumerate(zip(rows, host.tolist(), strict=True)):
             if r.cancelled:
                 self._finish(r, CANCELLED)
                 continue
@@ -508,6 +544,8 @@ class Engine:
     def _release_finished(self) -> None:
         """Free the slots of finished rows, moving the last rows into the holes."""
         gone = sorted((i for i, r in enumerate(self._active) if r.finish_reason), reverse=True)
+        if gone:
+            self._epoch += 1
         for s in gone:
             last = len(self._active) - 1
             if s != last:

@@ -70,11 +70,13 @@ class FusedGroup:
                 flat[:, lo:hi].addmm_(h, shared.member_bt(m)[:c])
         return y.split(self.sizes, dim=-1)
 
-    def glu_down(self, x: torch.Tensor, down: nn.Module) -> torch.Tensor | None:
-        """down(silu(gate) * up) of a gate/up group at one row: the group's GEMV, then the
-        down projection's GEMV (and shrink) reading [gate | up] with the SwiGLU in their
-        input loads, so the MLP is two or four kernels. None where that path does not apply
-        (the MLP then runs as usual)."""
+    def glu_down(self, x: torch.Tensor, down: nn.Module,
+                 residual: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
+        """down(silu(gate) * up) [+ residual] of a gate/up group at one row: the group's
+        GEMV, then the down projection's GEMV (and shrink) reading [gate | up] with the SwiGLU
+        in their input loads and the residual add in the GEMV's epilogue, so the MLP and its
+        residual are two or four kernels. None where that path does not apply (the MLP then
+        runs as usual)."""
         sel = self.selection
         if len(self.names) != 2 or not sel.gemv or x.shape[:-1].numel() != 1:
             return None
@@ -85,7 +87,10 @@ class FusedGroup:
         if shared is False or down_glu is None:
             return None
         gate_up = self._gemv(x, None if sel.mask is None else shared)  # (1, 2 ffn)
-        return down_glu(gate_up).view(*x.shape[:-1], -1)
+        res = None if residual is None else residual.reshape(1, -1)
+        if res is not None and (res.dtype != x.dtype or not res.is_contiguous()):
+            return None
+        return down_glu(gate_up, res).view(*x.shape[:-1], -1)
 
     def _gemv(self, x: torch.Tensor, shared: SharedShrink | None) -> torch.Tensor:
         """One row: the stacked GEMV with every member's delta in its epilogue."""

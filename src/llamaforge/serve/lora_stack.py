@@ -150,23 +150,30 @@ class SlotStack:
             return self.one_row(x, x.reshape(1, -1), layer).view(*x.shape[:-1], -1)
         return self.add_delta(x, layer.base_forward(x))
 
-    def one_row(self, x: torch.Tensor, x2: torch.Tensor, layer: LoRALinear,
-                glu: bool = False) -> torch.Tensor:  # fmt: skip
-        """The layer at one row through kernels/gemv.py: (1, out). x2 is the (1, in) input
-        (glu: (1, 2 in), [gate | up], the input silu(gate) * up; not for a shared shrink)."""
+    def one_row(self, x: torch.Tensor, x2: torch.Tensor, layer: LoRALinear, glu: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The layer at one row through kernels/gemv.py: (1, out), plus `residual` (1, out)
+        if given. x2 is the (1, in) input (glu: (1, 2 in), [gate | up], the input
+        silu(gate) * up; not for a shared shrink)."""
         sel = self.selection
         h, bt, mask = None, None, None
         if sel.mask is not None:
             bt = self.bt[: sel.cols]
             if self.shared is None:  # unmasked x A^T (partial sums, one kernel); the GEMV
                 # adds them up and applies the row's mask
-                h = shrink_triton(x2.to(self.a.dtype), self.a[: sel.cols], glu)[:, None]
+                a = self.a[: sel.cols]
+                if glu and a.dtype == x2.dtype:  # the shrink stores silu(gate) * up too
+                    x_in = torch.empty(1, a.shape[1], dtype=x2.dtype, device=x2.device)
+                    h = shrink_triton(x2, a, glu=True, glu_out=x_in)[:, None]
+                    x2, glu = x_in, False
+                else:
+                    h = shrink_triton(x2.to(a.dtype), a, glu)[:, None]
                 mask = sel.mask.reshape(-1)[: sel.cols]
             elif glu:
                 raise ValueError("a shared shrink reads the members' common input, not a GLU")
             else:
                 h = self.shrink(x).reshape(1, -1)
-        return gemv_lora_triton(x2, layer.weight, h, bt, mask, glu=glu)
+        return gemv_lora_triton(x2, layer.weight, h, bt, mask, glu=glu, residual=residual)
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's (x A^T) kept in its own adapter's columns: (B, T, cols in use)."""
@@ -206,24 +213,25 @@ class SlotStack:
 
 def one_row_glu_linear(
     layer: nn.Module, x: torch.Tensor
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """For an input like x (one row): the function gate_up (1, 2 in) -> layer(silu(gate) * up)
-    computed in one GEMV (plus its LoRA shrink) with the SwiGLU folded into the kernels' input
-    loads; [gate | up] side by side. None where the layer is not a plain weight or a LoRA
+) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """For an input like x (one row): the function (gate_up (1, 2 in), residual (1, out) or
+    None) -> layer(silu(gate) * up) [+ residual] computed in one GEMV (plus its LoRA shrink)
+    with the SwiGLU folded into the kernels' input loads and the residual into the GEMV's
+    epilogue; [gate | up] side by side. None where the layer is not a plain weight or a LoRA
     layer on its own gathered adapters (then nothing has been computed yet)."""
     if isinstance(layer, LoRALinear):
         if not _one_row_gemv(x, layer):
             return None
         stack = layer.gathered
         if stack is not None and stack.running and stack.shared is None:
-            return lambda gu: stack.one_row(gu, gu, layer, glu=True)
+            return lambda gu, res: stack.one_row(gu, gu, layer, glu=True, residual=res)
         if stack is None and not layer.lora_A:
-            return lambda gu: gemv_lora_triton(gu, layer.weight, glu=True)
+            return lambda gu, res: gemv_lora_triton(gu, layer.weight, glu=True, residual=res)
         return None
     w = getattr(layer, "weight", None)
     if type(layer) is not nn.Linear or layer.bias is not None or w.dtype != x.dtype:
         return None
-    return lambda gu: gemv_lora_triton(gu, w, glu=True)
+    return lambda gu, res: gemv_lora_triton(gu, w, glu=True, residual=res)
 
 
 def _one_row_gemv(x: torch.Tensor, layer: LoRALinear) -> bool:
