@@ -27,6 +27,10 @@
 #           8B LoRA and QLoRA at 2 x 2048, default checkpointing
 #   decode  batch-1 decode: the step's pieces alone (decode_pieces.py), then the engine at
 #           1/8/64 concurrent over 1 and 16 adapters and a batch-1 profile
+#   serve8b serving, the issue-11 table with transformers + peft beside it: Llama-3.1-8B at
+#           1/8/64 concurrent over 1 and 4 adapters (serve8b16: the 16-adapter rows; peft runs
+#           one static batch per adapter, ~5 min of them alone), each one invocation
+#   serve135m the same for SmolLM2-135M, all adapter counts in one invocation
 #   quality_hf    issue 16 item 6, the peer: transformers + peft at llamaforge's settings
 #           (LR=1e-3 EPOCHS=3 HF_QUALITY=path/to/hf_quality.py MODEL=... DATA=dataset.json;
 #           ../shared does not travel to the device: copy the script into the carried tree)
@@ -146,6 +150,19 @@ decode)
   timeout 60 python3 benchmarks/serve_throughput.py --preset llama3.1-8b --stacks llamaforge \
     --concurrency 1 --adapters 1 --profile-at 1,1 >"$out/serve_profile.log" 2>&1
   echo "== serve profile (exit $?)"
+  ;;
+serve8b | serve8b16)
+  adapters=1,4; [ "$part" = serve8b16 ] && adapters=16
+  timeout 560 python3 benchmarks/serve_throughput.py --preset llama3.1-8b --stacks llamaforge,hf \
+    --adapters $adapters --out "$out/$part.json" >"$out/$part.log" 2>&1
+  echo "== $part (exit $?)"
+  grep "^| \|bound" "$out/$part.log"
+  ;;
+serve135m)
+  timeout 560 python3 benchmarks/serve_throughput.py --preset smollm2-135m --stacks llamaforge,hf \
+    --out "$out/serve135m.json" >"$out/serve135m.log" 2>&1
+  echo "== serve135m (exit $?)"
+  grep "^| \|bound" "$out/serve135m.log"
   ;;
 quality_hf)
   SECONDS=0
