@@ -38,6 +38,8 @@ class Kernels:
     # measured 3.6% slower than the unfused layers on 8B LoRA (benchmarks/RESULTS.md)
     lora: bool = False
     gemv: bool = True  # serving: one-row decode may use kernels/gemv.py where it times faster
+    # serving: captured decode buckets may attend through kernels/decode_attention.py
+    decode_attention: bool = True
 
     @classmethod
     def none(cls) -> Kernels:

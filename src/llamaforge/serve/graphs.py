@@ -12,6 +12,11 @@ What a bucket's padding does: rows past the live ones, and rows still reading th
 never handed to a request) and attend key 0 only; their logits are dropped. Keys past a
 row's own position are masked, so a wider bucket changes no real row's attention.
 
+With greedy rows the runner can start the next step before the host has read this one's
+tokens (`DecodeRunner.launch_ahead`: the tokens are copied into the next step's inputs on
+the device); the engine uses such a step only when nothing about the batch changed, so the
+host's per-step bookkeeping overlaps the GPU instead of idling it.
+
 `DecodeRunner(capture=False)` runs the same buffers eagerly: that is how the CPU tests
 check this path (CUDA graphs themselves need a GPU; `tests/test_serve_graphs.py` compares
 replays with eager runs there).
@@ -45,8 +50,9 @@ WIDTH_STEP = 256
 # runs (and the CPU) take the rule below.
 ATTENTION = ("sdpa", "matmuls", "keys_first")  # "sdpa" with a bool mask, as measured
 # - "triton": kernels/decode_attention.py, two kernels reading each row's keys up to its
-#   position (no mask), the new key/value stored by the first; timed with the others where
-#   Triton runs on the device
+#   position (no mask), q and the new key rotated (RoPE) and the new key/value stored by the
+#   first; timed with the others where Triton runs on the device (on the H200 it won every
+#   bucket, 1 to 64 rows, 2026-12-03)
 TRITON_ATTENTION = "triton"
 MATMUL_ROWS = 8  # the rule: matmuls up to this many rows, sdpa above
 
@@ -168,9 +174,15 @@ class StaticDecode:
 
 
 def fastest_attention(
-    static: StaticDecode, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int = 8
+    static: StaticDecode,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    repeats: int = 8,
+    triton: bool = True,
 ) -> tuple[str, dict[str, float]]:
-    """Time each ATTENTION variant of a fresh bucket on the GPU; (fastest, us per call).
+    """Time each ATTENTION variant (and the Triton kernel, unless `triton` is off: the
+    model's `kernels.decode_attention`) of a fresh bucket on the GPU; (fastest, us per call).
 
     Each variant is captured as a CUDA graph of `repeats` calls on layer 0 (the bucket's
     rows write their keys to the scratch slot: no request's cache is touched) and replayed;
@@ -188,7 +200,7 @@ def fastest_attention(
 
     times: dict[str, float] = {}
     was = static.attention
-    variants = ATTENTION + ((TRITON_ATTENTION,) if triton_available() else ())
+    variants = ATTENTION + ((TRITON_ATTENTION,) if triton and triton_available() else ())
     for name in variants:
         static.attention = name
         try:
@@ -324,7 +336,9 @@ class DecodeRunner:
             q = torch.randn(static.rows, cfg.n_heads, 1, cfg.head_dim, device=dev, dtype=dt)
             k = torch.randn(static.rows, cfg.n_kv_heads, 1, cfg.head_dim, device=dev, dtype=dt)
             try:
-                self.attention[key] = fastest_attention(static, q, k, torch.randn_like(k))
+                self.attention[key] = fastest_attention(
+                    static, q, k, torch.randn_like(k), triton=self.model.kernels.decode_attention
+                )
             except RuntimeError as e:  # a speed choice only: serve with the rule, say why
                 msg = f"timing decode attention failed ({e}); using the default rule"
                 warnings.warn(msg, stacklevel=2)
