@@ -178,3 +178,38 @@ def test_the_shrink_stores_the_swiglu_input_and_the_gemv_adds_the_residual():
         gemv.gemv_lora_triton(x_in, w, residual=res[:, :5])
     with pytest.raises(ValueError, match="glu_out"):
         gemv.shrink_triton(gate_up, a, glu=True, glu_out=x_in[:, :5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [(40,), (48, 16, 16)])
+def test_rms_norm_folded_into_the_gemv_and_shrink(dtype, sizes):
+    """A block's input norm folded in: the shrink projects x * g, the GEMV reads x and g and
+    applies the row's 1 / rms to the base product and to the summed projections; equal to
+    the norm computed first (fp32, not rounded in between) and then the plain layer."""
+    g = torch.Generator().manual_seed(21 + len(sizes))
+    n, k, m, c, eps = sum(sizes), 640, len(sizes), 16, 1e-5
+    bounds = tuple(int(b) for b in torch.tensor(sizes).cumsum(0)[:-1])
+    x = (3 * torch.randn(1, k, generator=g)).to(DEV, dtype)
+    gain = (1 + 0.1 * torch.randn(k, generator=g)).to(DEV, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEV, dtype)
+    a = (torch.randn(c, m, k, generator=g) / k**0.5).to(DEV, dtype)
+    bt = (torch.randn(c, n, generator=g) / c**0.5).to(DEV, dtype)
+    mask = (torch.arange(c) < 8).to(DEV, dtype)
+    parts = gemv.shrink_triton(x, a.reshape(c * m, k), norm_weight=gain)
+    h = parts.view(-1, c, m).transpose(1, 2)
+    got = gemv.gemv_lora_triton(x, w, h, bt, mask, bounds, norm=(gain, eps))
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * gain.float()
+    want = gemv.gemv_lora_ref(normed, w, torch.einsum("k,cmk->mc", normed[0], a.float()), bt,
+                              mask, bounds)  # fmt: skip
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * 4, rtol=tol)
+    ref = gemv.gemv_lora_ref(x, w, h, bt, mask, bounds, norm=(gain, eps))
+    torch.testing.assert_close(ref.float(), want.float(), atol=tol * 4, rtol=tol)
+    plain = gemv.gemv_lora_triton(x, w, norm=(gain, eps))  # no adapters
+    torch.testing.assert_close(plain.float(), gemv.gemv_lora_ref(normed, w).float(),
+                               atol=tol * 4, rtol=tol)  # fmt: skip
+    with pytest.raises(ValueError, match="norm"):
+        gemv.gemv_lora_triton(x, w, norm=(gain[:5], eps))
+    with pytest.raises(ValueError, match="norm"):
+        gemv.shrink_triton(x, a.reshape(c * m, k), norm_weight=gain[:5])

@@ -123,12 +123,12 @@ def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
     real = gemv.gemv_lora_triton
     grouped: list[int] = []
 
-    def spy(x, w, h=None, bt=None, mask=None, bounds=(), glu=False, residual=None):
+    def spy(x, w, h=None, bt=None, mask=None, bounds=(), glu=False, residual=None, norm=None):
         if bounds:
             grouped.append(len(bounds) + 1)
         if glu or residual is not None:  # the down projection: the SwiGLU in its input
             grouped.append("glu" if glu else "residual")  # loads or stored by its shrink
-        return real(x, w, h, bt, mask, bounds, glu, residual)
+        return real(x, w, h, bt, mask, bounds, glu, residual, norm)
 
     monkeypatch.setattr(fused_proj, "gemv_lora_triton", spy)
     monkeypatch.setattr(lora_stack, "gemv_lora_triton", spy)
@@ -142,3 +142,41 @@ def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
     got = [engine.generate([p], params, [n])[0] for p, n in zip(ps, names, strict=True)]
     assert got == want
     assert 3 in grouped and 2 in grouped and {"glu", "residual"} <= set(grouped)
+
+
+def test_whole_block_one_row_step_equals_the_plain_path(monkeypatch):
+    """One-row buckets with the Triton attention: each block is the fused-group GEMVs with
+    its norms folded in, attention with RoPE inside, o_proj and down with the residual in
+    their epilogue (serve/fused_proj.py one_row_block; Triton's interpreter here); the same
+    tokens as generate over 2 adapters and the base, and the folded path did run."""
+    pytest.importorskip("triton")
+    from llamaforge.kernels import gemv
+    from llamaforge.serve import lora_stack
+    from tests.test_serve_graphs import decode_attention_kernel
+
+    if not torch.cuda.is_available():
+        monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+        importlib.reload(gemv)
+    kernel = decode_attention_kernel(monkeypatch)
+    monkeypatch.setattr(graphs_mod, "decode_attention_triton", kernel)
+    monkeypatch.setattr(graphs_mod, "default_attention", lambda rows: graphs_mod.TRITON_ATTENTION)
+    real = gemv.gemv_lora_triton
+    seen: list[str] = []
+
+    def spy(*args, norm=None, residual=None, **kw):
+        seen.append("norm" if norm is not None else "residual" if residual is not None else "-")
+        return real(*args, norm=norm, residual=residual, **kw)
+
+    monkeypatch.setattr(fused_proj, "gemv_lora_triton", spy)
+    monkeypatch.setattr(lora_stack, "gemv_lora_triton", spy)
+    force_one_row_gemv(monkeypatch)
+    model = with_adapters().to("cuda" if torch.cuda.is_available() else "cpu")
+    ps = prompts(3, seed=13, lo=2, hi=20)
+    names = [None, *ADAPTERS[1:3]]
+    params = SamplingParams(max_new_tokens=5)
+    want = [solo_reference(model, p, params, n) for p, n in zip(ps, names, strict=True)]
+    engine = Engine(model, max_batch=1, max_len=40, graphs="static", fuse_projections=True)
+    got = [engine.generate([p], params, [n])[0] for p, n in zip(ps, names, strict=True)]
+    assert got == want
+    layers = model.cfg.n_layers
+    assert seen.count("norm") >= 2 * layers * 4 and seen.count("residual") >= 2 * layers * 4

@@ -20,6 +20,12 @@ The shrink h = x A^T itself is `shrink_triton`: one kernel writing (S, M*R) fp32
 over S slices of the input, which the GEMV's programs add up as they read h, so the one-row
 LoRA layer is two kernels (cuBLAS's shrink alone is a GEMM plus a split-K reduction).
 
+Three more pieces of a decoder block fold into these two kernels at one row: the RMSNorm
+before q/k/v and before gate/up (W (x g / rms) = (W (x g)) / rms: both kernels read x and the
+norm's weight g, every GEMV program sums x^2 over the row it walks anyway and scales its
+outputs and the projections by 1 / rms), the SwiGLU before down (`glu`: the kernels read
+[gate | up]), and the residual adds after o_proj and down (`residual`, in the epilogue).
+
 `gemv_lora_ref` is the definition (plain PyTorch, also the CPU path); the engine decides by
 timing on the device whether its one-row decode step uses the kernel (`serve/graphs.py`).
 """
@@ -47,18 +53,26 @@ def gemv_lora_ref(
     bounds: tuple[int, ...] = (),
     glu: bool = False,
     residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """x (1, K) @ w (N, K)^T, plus member m's (h[m] * mask) @ bt[:, its columns] if given:
     (1, N) in x's dtype. Members split the N outputs at `bounds` (none: one member); h is
     (M, R), or (S, M, R) partial sums of it. glu: x is (1, 2K) [gate | up] and the input is
     silu(gate) * up in x's dtype (the MLP's down projection with its SwiGLU folded in);
-    `residual` (1, N) is added to the rounded result (the block's residual add)."""
+    `residual` (1, N) is added to the rounded result (the block's residual add). `norm` =
+    (g, eps): the input is RMSNorm(x) * g, in fp32 (not rounded between the norm and the
+    matmul), and h is then the projection of x * g, scaled by the row's 1 / rms here."""
     if glu:
         gate, up = x.float().chunk(2, dim=-1)
         x = (F.silu(gate) * up).to(x.dtype)
-    y = F.linear(x.float(), w.float())
+    x32, rstd = x.float(), 1.0
+    if norm is not None:
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm[1])  # (1, 1)
+        x32 = x32 * rstd * norm[0].float()
+    y = F.linear(x32, w.float())
     if h is not None:
         h = h.float().sum(0) if h.dim() == 3 else h  # partial sums over K splits
+        h = h * rstd
         hm = h.float() * (1.0 if mask is None else mask.float().reshape(1, -1))  # (M, R)
         edges = (0, *bounds, w.shape[0])
         for m, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
@@ -95,7 +109,9 @@ if triton is not None:
         mask_ptr,
         bt_ptr,
         res_ptr,
+        g_ptr,
         y_ptr,
+        eps,
         N,
         B1,  # first output column of the second / third member (N where there is none)
         B2,
@@ -113,6 +129,7 @@ if triton is not None:
         HAS_LORA: tl.constexpr,
         HAS_MASK: tl.constexpr,
         HAS_RES: tl.constexpr,
+        NORM: tl.constexpr,  # the input is RMSNorm(x) * g: g folded in, the row's 1/rms after
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -120,16 +137,23 @@ if triton is not None:
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # the row's sum of squares (NORM)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
             xk = _input(x_ptr, k, k_ok, K, GLU)
+            if NORM:  # every program walks the whole row: each has its own sum of squares
+                sq += xk * xk
+                xk = xk * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             wt = tl.load(
                 w_ptr + n[:, None].to(tl.int64) * stride_w + k[None, :],
                 mask=n_ok[:, None] & k_ok[None, :],
                 other=0.0,
             ).to(tl.float32)
             acc += tl.sum(wt * xk[None, :], axis=1)
+        if NORM:  # W (x g / rms) = (W (x g)) / rms, and likewise the shrink's (x g) A^T
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+            acc = acc * rstd
         if HAS_LORA:
             member = (n >= B1).to(tl.int32) + (n >= B2).to(tl.int32)  # (BLOCK_N,)
             sp = tl.arange(0, SPLITS_P)
@@ -148,6 +172,8 @@ if triton is not None:
                     hr = tl.where(member[None, :] >= 2, tl.sum(h2, 0)[:, None], hr)
                 if HAS_MASK:
                     hr = hr * tl.load(mask_ptr + r, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+                if NORM:
+                    hr = hr * rstd
                 b = tl.load(bt_ptr + r[:, None] * stride_bt + n[None, :],
                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
                 acc += tl.sum(b.to(tl.float32) * hr, axis=0)
@@ -166,6 +192,7 @@ def gemv_lora_triton(
     bounds: tuple[int, ...] = (),
     glu: bool = False,
     residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """The kernel (CUDA, or the CPU under TRITON_INTERPRET=1); same contract as the reference.
 
@@ -203,19 +230,30 @@ def gemv_lora_triton(
         raise ValueError(f"gemv_lora: residual {tuple(residual.shape)} for {n} outputs")
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_arg = residual if residual is not None else y
+    if norm is not None and (glu or norm[0].shape != (k,) or not norm[0].is_contiguous()):
+        raise ValueError(f"gemv_lora: norm weight {tuple(norm[0].shape)} for a {k}-wide input")
+    g_arg, eps = (norm[0], float(norm[1])) if norm is not None else (x, 0.0)
 
     def launch(cfg: tuple[int, int, int]) -> None:
         block_n, block_k, warps = cfg
         _gemv_lora[(triton.cdiv(n, block_n),)](
-            x, w, h_arg, mask_arg, bt_arg, res_arg, y, n, b1, b2, k, r, w.stride(0),
+            x, w, h_arg, mask_arg, bt_arg, res_arg, g_arg, y, eps, n, b1, b2, k, r, w.stride(0),
             bt_arg.stride(0),
             hs, hm, hr, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), MEMBERS=members,
             GLU=glu, HAS_LORA=lora, HAS_MASK=mask is not None,
-            HAS_RES=residual is not None, BLOCK_R=16 if r <= 16 else 32,
+            HAS_RES=residual is not None, NORM=norm is not None, BLOCK_R=16 if r <= 16 else 32,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
 
-    key = (n, k, r, x.dtype, x.device, glu)  # (the residual costs the same everywhere)
+    key = (
+        n,
+        k,
+        r,
+        x.dtype,
+        x.device,
+        glu,
+        norm is not None,
+    )  # (the residual costs the same everywhere)
     if key not in _chosen:
         _chosen[key] = CONFIGS[0] if interpreting() else _fastest(launch)
     launch(_chosen[key])
@@ -229,9 +267,9 @@ SHRINK_BLOCK_K, SHRINK_MAX_SPLITS, SHRINK_BLOCK_J = 256, 32, 16
 if triton is not None:
 
     @triton.jit
-    def _shrink(x_ptr, a_ptr, p_ptr, xo_ptr, J, K, stride_a, K_PER: tl.constexpr,
+    def _shrink(x_ptr, a_ptr, p_ptr, xo_ptr, g_ptr, J, K, stride_a, K_PER: tl.constexpr,
                 BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr,
-                WRITE_X: tl.constexpr):  # fmt: skip
+                WRITE_X: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
         s = tl.program_id(0)
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         j_ok = j < J
@@ -243,6 +281,8 @@ if triton is not None:
             if WRITE_X:  # the first column block stores silu(gate) * up for the GEMV after
                 first = tl.program_id(1) == 0
                 tl.store(xo_ptr + k, xk.to(xo_ptr.dtype.element_ty), mask=k_ok & first)
+            if NORM:  # x * g: the GEMV that adds these up applies the row's 1 / rms
+                xk = xk * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             at = tl.load(a_ptr + j[:, None].to(tl.int64) * stride_a + k[None, :],
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
             acc += tl.sum(at.to(tl.float32) * xk[None, :], axis=1)
@@ -250,12 +290,18 @@ if triton is not None:
 
 
 def shrink_triton(
-    x: torch.Tensor, a: torch.Tensor, glu: bool = False, glu_out: torch.Tensor | None = None
+    x: torch.Tensor,
+    a: torch.Tensor,
+    glu: bool = False,
+    glu_out: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (1, K) @ a (J, K)^T as (S, J) fp32 partial sums over S slices of K, one kernel
     (glu: x is (1, 2K) [gate | up] and the input silu(gate) * up, as in `gemv_lora_ref`;
     `glu_out` (1, K), contiguous, then receives that input, so the GEMV after it reads it
-    plainly instead of computing the SwiGLU again in each of its programs).
+    plainly instead of computing the SwiGLU again in each of its programs; `norm_weight` g
+    (K,): the partial sums are of (x * g) A^T, for a GEMV with `norm` that scales them by the
+    row's 1 / rms).
 
     A one-row LoRA shrink reads a few hundred kB; cuBLAS runs it as a split-K GEMM plus a
     reduction kernel (~6 us on an H200). This is the split without the reduction: the GEMV
@@ -270,10 +316,14 @@ def shrink_triton(
     write = glu_out is not None
     if write and (not glu or glu_out.shape != (1, k) or not glu_out.is_contiguous()):
         raise ValueError(f"shrink: glu_out {tuple(glu_out.shape)} for a (1, {k}) input")
+    g = norm_weight
+    if g is not None and (glu or g.shape != (k,) or not g.is_contiguous()):
+        raise ValueError(f"shrink: norm weight {tuple(g.shape)} for a {k}-wide input")
     p = torch.empty(splits, j, dtype=torch.float32, device=x.device)
     _shrink[(splits, triton.cdiv(j, SHRINK_BLOCK_J))](
-        x, a, p, glu_out if write else p, j, k, a.stride(0), K_PER=k_per,
-        BLOCK_J=SHRINK_BLOCK_J, BLOCK_K=SHRINK_BLOCK_K, GLU=glu, WRITE_X=write,
+        x, a, p, glu_out if write else p, g if g is not None else p, j, k, a.stride(0),
+        K_PER=k_per, BLOCK_J=SHRINK_BLOCK_J, BLOCK_K=SHRINK_BLOCK_K, GLU=glu, WRITE_X=write,
+        NORM=g is not None,
     )  # fmt: skip
     return p
 

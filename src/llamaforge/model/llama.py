@@ -254,8 +254,15 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        # the serving engine's whole-block step for one decode row (serve/fused_proj.py);
+        # it returns None where it does not apply, and the block runs as below
+        self.one_row_step: Callable[..., torch.Tensor | None] | None = None
 
     def forward(self, x, cos, sin, mask, cache):  # noqa: D102 - shapes as in Attention
+        if self.one_row_step is not None:
+            y = self.one_row_step(x, cos, sin, mask, cache)
+            if y is not None:
+                return y
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         norm = self.post_attention_layernorm  # its norm fused with the residual add before it
         h, normed = add_rms_norm(x, attn, norm.weight, norm.eps, norm.kernels.residual_rmsnorm)

@@ -12,12 +12,20 @@ epilogue (`kernels/gemv.py`). Outside an engine forward, or when the group's lay
 in one of the two shapes it computes (all without adapters; all stacked in one shared
 shrink), each layer runs on its own, so the output never depends on whether it is fused.
 
+At one row the whole block can run this way (`one_row_block`, installed as each block's
+`one_row_step`): q/k/v with the input norm folded into its GEMV, the Triton decode attention
+with RoPE and the KV write inside, o_proj adding the residual in its epilogue, gate/up with
+the second norm folded in, down reading [gate | up] with the SwiGLU in its input loads and
+adding the residual: eight kernels a block without adapters, ten with (each shrink one).
+
 Fusing re-points parameters at views of a shared buffer: a caller that later saves the
 model's tensors one by one sees shared storage. It is the serving engine's choice
 (`Engine(fuse_projections=True)`), off for training callers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +34,7 @@ from torch import nn
 from ..adapters.lora import LoRALinear
 from ..kernels import interpreting, triton_available
 from ..kernels.gemv import gemv_lora_triton, shrink_triton
-from .lora_stack import Selection, SharedShrink, SlotStack, one_row_glu_linear
+from .lora_stack import Selection, SharedShrink, SlotStack, one_row_linear
 
 GROUPS = (("self_attn", "fused_qkv", ("q_proj", "k_proj", "v_proj")),
           ("mlp", "fused_gate_up", ("gate_proj", "up_proj")))  # fmt: skip
@@ -77,33 +85,44 @@ class FusedGroup:
         in their input loads and the residual add in the GEMV's epilogue, so the MLP and its
         residual are two or four kernels. None where that path does not apply (the MLP then
         runs as usual)."""
-        sel = self.selection
-        if len(self.names) != 2 or not sel.gemv or x.shape[:-1].numel() != 1:
-            return None
-        if not triton_available() or not (x.is_cuda or interpreting()):
-            return None
-        shared = self._mode(x, self.layers)
-        down_glu = one_row_glu_linear(down, x)
+        shared = self.one_row_mode(x) if len(self.names) == 2 else False
+        down_glu = one_row_linear(down, x, glu=True)
         if shared is False or down_glu is None:
             return None
-        gate_up = self._gemv(x, None if sel.mask is None else shared)  # (1, 2 ffn)
+        gate_up = self._gemv(x, shared)  # (1, 2 ffn)
         res = None if residual is None else residual.reshape(1, -1)
         if res is not None and (res.dtype != x.dtype or not res.is_contiguous()):
             return None
         return down_glu(gate_up, res).view(*x.shape[:-1], -1)
 
-    def _gemv(self, x: torch.Tensor, shared: SharedShrink | None) -> torch.Tensor:
-        """One row: the stacked GEMV with every member's delta in its epilogue."""
+    def one_row_mode(self, x: torch.Tensor) -> SharedShrink | None | bool:
+        """Whether this forward's one row runs through the group's GEMV (False: not; else
+        its adapters as `_gemv` takes them: the shared shrink, or None for none)."""
+        sel = self.selection
+        if not sel.gemv or x.shape[:-1].numel() != 1 or not triton_available():
+            return False
+        if not (x.is_cuda or interpreting()):
+            return False
+        shared = self._mode(x, self.layers)
+        return None if shared is not False and sel.mask is None else shared
+
+    def _gemv(self, x: torch.Tensor, shared: SharedShrink | None,
+              norm: nn.Module | None = None) -> torch.Tensor:  # fmt: skip
+        """One row: the stacked GEMV with every member's delta in its epilogue; `norm` (an
+        RMSNorm) folded in: the GEMV and shrink read x and the norm's weight, the GEMV
+        applies the row's 1 / rms (so the norm is not a kernel of its own)."""
         x2 = x.reshape(1, -1)
+        fold = None if norm is None else (norm.weight, norm.eps)
         if shared is None:
-            return gemv_lora_triton(x2, self.weight)
+            return gemv_lora_triton(x2, self.weight, norm=fold)
         c, m = self.selection.cols, len(self.names)
         # every member's unmasked x A^T as partial sums (S, c*M), A's rows column-major over
         # the members: h[s, m, j] = parts[s, j*M + m]; the kernel sums them, applies the mask
-        parts = shrink_triton(x2, shared.a[:c].reshape(c * m, -1))
+        g = None if norm is None else norm.weight
+        parts = shrink_triton(x2, shared.a[:c].reshape(c * m, -1), norm_weight=g)
         h = parts.view(-1, c, m).transpose(1, 2)
         mask = self.selection.mask.reshape(-1)[:c]
-        return gemv_lora_triton(x2, self.weight, h, shared.bt[:c], mask, self.bounds)
+        return gemv_lora_triton(x2, self.weight, h, shared.bt[:c], mask, self.bounds, norm=fold)
 
     def _mode(self, x: torch.Tensor, layers: list[nn.Module]) -> SharedShrink | None | bool:
         """False: run the layers one by one. None: plain base weights. Else the shared shrink
@@ -131,6 +150,37 @@ class FusedGroup:
         return group
 
 
+def one_row_block(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  mask, cache) -> torch.Tensor | None:  # fmt: skip
+    """A whole block at one decode row in eight to ten kernels, or None where this does not
+    apply (then the block runs as usual): q/k/v with the input norm folded into its GEMV and
+    shrink, attention with RoPE and the KV write inside (the Triton variant only), o_proj
+    with the residual add in its epilogue, gate/up with the second norm folded in, down with
+    the SwiGLU in its input and the residual in its epilogue."""
+    attn, mlp = block.self_attn, block.mlp
+    qkv, gate_up = attn.fused_qkv, mlp.fused_gate_up
+    if not isinstance(qkv, FusedGroup) or not isinstance(gate_up, FusedGroup):
+        return None
+    if len(qkv.names) != 3 or not getattr(cache, "rope_in_attend", False):
+        return None
+    n1, n2 = block.input_layernorm, block.post_attention_layernorm
+    if n1.weight.dtype != x.dtype or n2.weight.dtype != x.dtype or not x.is_contiguous():
+        return None
+    mode_qkv, mode_gu = qkv.one_row_mode(x), gate_up.one_row_mode(x)
+    o_fn, down_fn = one_row_linear(attn.o_proj, x), one_row_linear(mlp.down_proj, x, glu=True)
+    if mode_qkv is False or mode_gu is False or o_fn is None or down_fn is None:
+        return None
+    q, k, v = qkv._gemv(x, mode_qkv, n1).split(qkv.sizes, dim=-1)  # (1, out) each
+    q = q.view(1, 1, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = k.view(1, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
+    v = v.view(1, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
+    out = cache.attend(attn.layer, q, k, v, rope=(cos, sin))  # (1, 1, H*D)
+    x2 = x.reshape(1, -1)
+    h = o_fn(out.reshape(1, -1), x2)  # x + o_proj(attention)
+    y = down_fn(gate_up._gemv(h, mode_gu, n2), h)  # h + down(silu(gate) * up)
+    return y.view(x.shape)
+
+
 def fuse_projections(model: nn.Module, selection: Selection) -> int:
     """Stack q/k/v and gate/up of every block (plain, unbiased weights of one dtype and
     device only) and install the groups on the model; returns how many were fused."""
@@ -153,4 +203,6 @@ def fuse_projections(model: nn.Module, selection: Selection) -> int:
                     offset += w.shape[0]
             setattr(parent, attr, FusedGroup(parent, names, stacked, selection))
             fused += 1
+        if block.self_attn.fused_qkv is not None and block.mlp.fused_gate_up is not None:
+            block.one_row_step = functools.partial(one_row_block, block)
     return fused

@@ -211,27 +211,28 @@ class SlotStack:
             self.bt[slot * r : slot * r + ra] = scaled.T.to(self.bt.dtype)
 
 
-def one_row_glu_linear(
-    layer: nn.Module, x: torch.Tensor
+def one_row_linear(
+    layer: nn.Module, x: torch.Tensor, glu: bool = False
 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
-    """For an input like x (one row): the function (gate_up (1, 2 in), residual (1, out) or
-    None) -> layer(silu(gate) * up) [+ residual] computed in one GEMV (plus its LoRA shrink)
-    with the SwiGLU folded into the kernels' input loads and the residual into the GEMV's
-    epilogue; [gate | up] side by side. None where the layer is not a plain weight or a LoRA
-    layer on its own gathered adapters (then nothing has been computed yet)."""
+    """For an input like x (one row): the function (input (1, in), or with `glu` [gate | up]
+    (1, 2 in) whose silu(gate) * up is the input; residual (1, out) or None) ->
+    layer(input) [+ residual], as one GEMV (plus its LoRA shrink) with the SwiGLU folded into
+    the kernels' input loads and the residual into the GEMV's epilogue. None where the layer
+    is not a plain weight or a LoRA layer on its own gathered adapters (then nothing has
+    been computed yet)."""
     if isinstance(layer, LoRALinear):
         if not _one_row_gemv(x, layer):
             return None
         stack = layer.gathered
         if stack is not None and stack.running and stack.shared is None:
-            return lambda gu, res: stack.one_row(gu, gu, layer, glu=True, residual=res)
+            return lambda inp, res: stack.one_row(inp, inp, layer, glu=glu, residual=res)
         if stack is None and not layer.lora_A:
-            return lambda gu, res: gemv_lora_triton(gu, layer.weight, glu=True, residual=res)
+            return lambda inp, res: gemv_lora_triton(inp, layer.weight, glu=glu, residual=res)
         return None
     w = getattr(layer, "weight", None)
     if type(layer) is not nn.Linear or layer.bias is not None or w.dtype != x.dtype:
         return None
-    return lambda gu, res: gemv_lora_triton(gu, w, glu=True, residual=res)
+    return lambda inp, res: gemv_lora_triton(inp, w, glu=glu, residual=res)
 
 
 def _one_row_gemv(x: torch.Tensor, layer: LoRALinear) -> bool:
