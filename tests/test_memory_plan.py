@@ -198,3 +198,37 @@ def test_estimate_is_near_the_measured_peak_on_cuda():
     opt.step()
     peak = torch.cuda.max_memory_allocated()
     assert 0.5 * peak < plan.estimate < 1.5 * peak
+
+
+def test_the_loss_head_counts_where_it_is_larger_than_the_backward():
+    """A trained head under the fused linear + CE holds a float32 (vocab x dim) gradient at
+    the forward's end: when that moment outweighs the backward's temporaries it sets the
+    estimate (and so the plan)."""
+    fixed, keep, ckpt, n = 1000 * MB, 100 * MB, 10 * MB, 8
+    small = choose(10 * GB, fixed, keep, ckpt, n, head=50 * MB)
+    assert small.estimate == fixed + n * keep + keep  # the backward is larger
+    big = choose(10 * GB, fixed, keep, ckpt, n, head=700 * MB)
+    assert big.estimate == fixed + n * keep + 700 * MB and "loss head 700 MB" in big.describe()
+    need = fixed + 5 * keep + 3 * ckpt + 700 * MB
+    assert (
+        choose(int(need / (1 - HEADROOM)) + 1, fixed, keep, ckpt, n, head=700 * MB).checkpointed
+        == 3
+    )
+
+
+def test_head_bytes_follow_the_loss_path():
+    from llamaforge.kernels import Kernels
+    from llamaforge.kernels.fused_ce import TRAINED_HEAD_BUDGET_BYTES, auto_chunk_size
+    from llamaforge.train.memory_plan import head_bytes
+
+    model = random_model("tiny-llama3")
+    vocab, dim = model.lm_head.weight.shape
+    rows, tokens = 2, 64
+    n, size = rows * (tokens - 1), model.lm_head.weight.element_size()
+    chunk = min(n, auto_chunk_size(vocab, TRAINED_HEAD_BUDGET_BYTES))
+    trained = head_bytes(model, rows, tokens)  # full fine-tuning: fused CE, trained head
+    assert trained == chunk * vocab * (4 + size) + n * dim * size + vocab * dim * 4
+    model.lm_head.weight.requires_grad_(False)  # LoRA / frozen head: no weight gradient
+    assert head_bytes(model, rows, tokens) < trained - vocab * dim * 4 + 1
+    model.set_kernels(Kernels(fused_ce=False))  # checkpointed chunks instead
+    assert head_bytes(model, rows, tokens) == min(n, 1024) * vocab * (4 + size)

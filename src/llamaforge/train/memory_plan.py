@@ -11,10 +11,15 @@ and picks the fastest plan that fits:
   backward (parameters, buffers and RoPE tables excluded: they are shared, and counted in
   fixed). That is what a block keeps
   without checkpointing; with checkpointing it keeps only its input (rows x tokens x dim);
-- the backward's own temporaries (activation gradients, the MLP's intermediate gradients,
-  the loss head's chunk) are about one block's saved activations, on top of the rest; a
-  checkpointed block is also recomputed in the backward, so one block's full activations
-  come back at a time as well.
+- the backward's own temporaries (activation gradients, the MLP's intermediate gradients)
+  are about one block's saved activations, on top of the rest; a checkpointed block is also
+  recomputed in the backward, so one block's full activations come back at a time as well;
+- the loss head, between the forward's end and the first backward step, while every saved
+  activation is still held (`head_bytes`): one chunk of float32 logits and their copy in
+  the compute dtype, and with the fused linear + CE and a trained head (full fine-tuning)
+  its float32 (vocab x dim) weight-gradient accumulator: 1 GB for Llama-3.2-1B, which the
+  plan missed before (9.1 GB estimated, 10.1 GB measured, H200 2026-12-03). The larger of
+  the two moments counts.
 
 Blocks are checkpointed from the first one on (the model's `checkpoint_layers`), as few as
 the budget allows: keeping activations is faster (no recompute), so the plan that fits with
@@ -60,6 +65,7 @@ class MemoryPlan:
     offload: bool  # their saved inputs live in CPU memory
     estimate: int  # estimated peak
     fits: bool = True  # False: even the most frugal plan's estimate is over the budget
+    head: int = 0  # the loss head at the forward's end (`head_bytes`)
 
     def describe(self) -> str:
         """One line for the log."""
@@ -70,7 +76,8 @@ class MemoryPlan:
             f"memory plan: budget {self.budget / GB:.1f} GB; weights+grads+optimizer "
             f"{self.fixed / GB:.2f} GB; per block {self.block_keep / 2**20:.0f} MB kept or "
             f"{self.block_checkpointed / 2**20:.0f} MB checkpointed -> checkpoint "
-            f"{self.checkpointed} of {self.n_layers} blocks{where} (estimated peak "
+            f"{self.checkpointed} of {self.n_layers} blocks{where}; loss head "
+            f"{self.head / 2**20:.0f} MB (estimated peak "
             f"{self.estimate / GB:.1f} GB)"
         )
 
@@ -158,8 +165,40 @@ def _saved_bytes(
     return sum(saved.values())
 
 
+def head_bytes(model: nn.Module, rows: int, tokens: int) -> int:
+    """The loss head's memory at the end of the forward (see the module docstring)."""
+    from ..kernels.fused_ce import (
+        LOGITS_BUDGET_BYTES,
+        TRAINED_HEAD_BUDGET_BYTES,
+        auto_chunk_size,
+    )
+
+    head = getattr(model, "lm_head", None)
+    w = getattr(head, "weight", None)
+    if w is None:
+        return 0
+    vocab, dim = w.shape
+    trained = w.requires_grad
+    kernels = getattr(model, "kernels", None)
+    fused = kernels is not None and kernels.fused_ce and type(head) is nn.Linear
+    n = rows * max(tokens - 1, 1)
+    if not fused:  # checkpointed 1,024-token chunks, recomputed in the backward
+        return min(n, 1024) * vocab * (4 + w.element_size())
+    budget = TRAINED_HEAD_BUDGET_BYTES if trained else LOGITS_BUDGET_BYTES
+    chunk = min(n, auto_chunk_size(vocab, budget))
+    logits = chunk * vocab * (4 + w.element_size())  # float32 and the compute-dtype product
+    saved = n * dim * w.element_size() + (vocab * dim * 4 if trained else 0)
+    return logits + saved
+
+
 def choose(
-    budget: int, fixed: int, keep: int, checkpointed: int, n_layers: int, strict: bool = True
+    budget: int,
+    fixed: int,
+    keep: int,
+    checkpointed: int,
+    n_layers: int,
+    strict: bool = True,
+    head: int = 0,
 ) -> MemoryPlan:
     """The plan with the fewest checkpointed blocks whose estimate fits the budget.
 
@@ -172,15 +211,17 @@ def choose(
     def estimate(k: int, offload: bool = False) -> int:
         inputs = 0 if offload else k * checkpointed
         backward = keep + (keep if k else 0)  # its temporaries, plus one recomputed block
-        return fixed + (n_layers - k) * keep + inputs + backward
+        return fixed + (n_layers - k) * keep + inputs + max(backward, head)
 
     for k in range(n_layers + 1):
         if estimate(k) <= usable:
-            return MemoryPlan(budget, fixed, keep, checkpointed, n_layers, k, False, estimate(k))
+            return MemoryPlan(
+                budget, fixed, keep, checkpointed, n_layers, k, False, estimate(k), head=head
+            )
     est = estimate(n_layers, True)
     if est <= usable or not strict:
         return MemoryPlan(
-            budget, fixed, keep, checkpointed, n_layers, n_layers, True, est, est <= usable
+            budget, fixed, keep, checkpointed, n_layers, n_layers, True, est, est <= usable, head
         )
     raise UserError(
         f"key 'memory_budget_gb': the run needs about {est / GB:.1f} GB even with every block "
@@ -215,4 +256,5 @@ def plan_memory(
         return None
     keep, ckpt = block_costs(model, rows, tokens, autocast)
     strict = setting != "auto"
-    return choose(budget, fixed_bytes(model, grads), keep, ckpt, len(model.layers), strict)
+    head = head_bytes(model, rows, tokens)
+    return choose(budget, fixed_bytes(model, grads), keep, ckpt, len(model.layers), strict, head)
