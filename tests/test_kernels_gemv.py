@@ -213,3 +213,29 @@ def test_rms_norm_folded_into_the_gemv_and_shrink(dtype, sizes):
         gemv.gemv_lora_triton(x, w, norm=(gain[:5], eps))
     with pytest.raises(ValueError, match="norm"):
         gemv.shrink_triton(x, a.reshape(c * m, k), norm_weight=gain[:5])
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_the_rows_own_adapter_slot_chosen_on_the_device(members):
+    """One row, 4 adapter slots of rank 8 stacked: the shrink and the GEMV read only the slot
+    whose first column a device tensor holds (one captured graph serves every slot), equal
+    to slicing that slot out on the host."""
+    g = torch.Generator().manual_seed(30 + members)
+    n, k, r, slots = 24 * members, 300, 8, 4
+    sizes = (n // members,) * members
+    bounds = tuple(int(b) for b in torch.tensor(sizes).cumsum(0)[:-1])
+    x = torch.randn(1, k, generator=g).to(DEV)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEV)
+    a = torch.randn(slots * r, members, k, generator=g).to(DEV)  # (cols, M, in)
+    bt = torch.randn(slots * r, n, generator=g).to(DEV)
+    for slot in (0, 2, 3):
+        col0 = torch.tensor([slot * r], device=DEV)
+        parts = gemv.shrink_triton(x, a.reshape(-1, k), rows=(col0, members, r * members))
+        want_parts = gemv.shrink_triton(x, a[slot * r : (slot + 1) * r].reshape(-1, k))
+        torch.testing.assert_close(parts, want_parts)
+        h = parts.view(-1, r, members).transpose(1, 2)
+        got = gemv.gemv_lora_triton(x, w, h, bt, None, bounds, bt_start=col0)
+        want = gemv.gemv_lora_triton(x, w, h, bt[slot * r : (slot + 1) * r], None, bounds)
+        torch.testing.assert_close(got, want)
+        ref = gemv.gemv_lora_ref(x, w, h, bt, None, bounds, bt_start=col0)
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-4)

@@ -123,12 +123,12 @@ def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
     real = gemv.gemv_lora_triton
     grouped: list[int] = []
 
-    def spy(x, w, h=None, bt=None, mask=None, bounds=(), glu=False, residual=None, norm=None):
+    def spy(x, w, h=None, bt=None, mask=None, bounds=(), glu=False, residual=None, **kw):
         if bounds:
             grouped.append(len(bounds) + 1)
         if glu or residual is not None:  # the down projection: the SwiGLU in its input
             grouped.append("glu" if glu else "residual")  # loads or stored by its shrink
-        return real(x, w, h, bt, mask, bounds, glu, residual, norm)
+        return real(x, w, h, bt, mask, bounds, glu, residual, **kw)
 
     monkeypatch.setattr(fused_proj, "gemv_lora_triton", spy)
     monkeypatch.setattr(lora_stack, "gemv_lora_triton", spy)
@@ -147,8 +147,9 @@ def test_one_row_fused_group_gemv_equals_the_plain_path(monkeypatch):
 def test_whole_block_one_row_step_equals_the_plain_path(monkeypatch):
     """One-row buckets with the Triton attention: each block is the fused-group GEMVs with
     its norms folded in, attention with RoPE inside, o_proj and down with the residual in
-    their epilogue (serve/fused_proj.py one_row_block; Triton's interpreter here); the same
-    tokens as generate over 2 adapters and the base, and the folded path did run."""
+    their epilogue, each reading only the row's own adapter slot (serve/fused_proj.py
+    one_row_block; Triton's interpreter here); the same tokens as generate over 2 adapters
+    and the base, and the folded path did run."""
     pytest.importorskip("triton")
     from llamaforge.kernels import gemv
     from llamaforge.serve import lora_stack
@@ -165,6 +166,8 @@ def test_whole_block_one_row_step_equals_the_plain_path(monkeypatch):
 
     def spy(*args, norm=None, residual=None, **kw):
         seen.append("norm" if norm is not None else "residual" if residual is not None else "-")
+        if kw.get("bt_start") is not None:
+            seen.append("slot")  # only the row's own adapter slot read (chosen on the device)
         return real(*args, norm=norm, residual=residual, **kw)
 
     monkeypatch.setattr(fused_proj, "gemv_lora_triton", spy)
@@ -180,3 +183,4 @@ def test_whole_block_one_row_step_equals_the_plain_path(monkeypatch):
     assert got == want
     layers = model.cfg.n_layers
     assert seen.count("norm") >= 2 * layers * 4 and seen.count("residual") >= 2 * layers * 4
+    assert seen.count("slot") >= 2 * layers * 4  # the two adapter requests' decode steps

@@ -25,6 +25,9 @@ before q/k/v and before gate/up (W (x g / rms) = (W (x g)) / rms: both kernels r
 norm's weight g, every GEMV program sums x^2 over the row it walks anyway and scales its
 outputs and the projections by 1 / rms), the SwiGLU before down (`glu`: the kernels read
 [gate | up]), and the residual adds after o_proj and down (`residual`, in the epilogue).
+With many adapters loaded, the one row's adapter slot is read from a device tensor
+(`bt_start`, the shrink's `rows`): both kernels read that slot's columns only, not every
+loaded slot under a mask, and one captured graph serves every slot.
 
 `gemv_lora_ref` is the definition (plain PyTorch, also the CPU path); the engine decides by
 timing on the device whether its one-row decode step uses the kernel (`serve/graphs.py`).
@@ -54,6 +57,7 @@ def gemv_lora_ref(
     glu: bool = False,
     residual: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, float] | None = None,
+    bt_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (1, K) @ w (N, K)^T, plus member m's (h[m] * mask) @ bt[:, its columns] if given:
     (1, N) in x's dtype. Members split the N outputs at `bounds` (none: one member); h is
@@ -73,6 +77,9 @@ def gemv_lora_ref(
     if h is not None:
         h = h.float().sum(0) if h.dim() == 3 else h  # partial sums over K splits
         h = h * rstd
+        if bt_start is not None:  # the R rows of bt from that one on
+            lo = int(bt_start.reshape(-1)[0])
+            bt = bt[lo : lo + h.shape[-1]]
         hm = h.float() * (1.0 if mask is None else mask.float().reshape(1, -1))  # (M, R)
         edges = (0, *bounds, w.shape[0])
         for m, (lo, hi) in enumerate(zip(edges, edges[1:], strict=False)):
@@ -110,6 +117,7 @@ if triton is not None:
         bt_ptr,
         res_ptr,
         g_ptr,
+        bts_ptr,
         y_ptr,
         eps,
         N,
@@ -130,6 +138,7 @@ if triton is not None:
         HAS_MASK: tl.constexpr,
         HAS_RES: tl.constexpr,
         NORM: tl.constexpr,  # the input is RMSNorm(x) * g: g folded in, the row's 1/rms after
+        BT_START: tl.constexpr,  # bt's first row is read from bts_ptr (the row's adapter slot)
         BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -155,6 +164,8 @@ if triton is not None:
             rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
             acc = acc * rstd
         if HAS_LORA:
+            if BT_START:
+                bt_ptr += tl.load(bts_ptr) * stride_bt
             member = (n >= B1).to(tl.int32) + (n >= B2).to(tl.int32)  # (BLOCK_N,)
             sp = tl.arange(0, SPLITS_P)
             for r0 in range(0, R, BLOCK_R):
@@ -193,12 +204,15 @@ def gemv_lora_triton(
     glu: bool = False,
     residual: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, float] | None = None,
+    bt_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel (CUDA, or the CPU under TRITON_INTERPRET=1); same contract as the reference.
 
     x (1, K) contiguous; w (N, K) and bt (R, N) with unit stride along their last dimension;
     h (M, R), or (S, M, R) partial sums that the kernel adds up (`shrink_triton`'s), with
-    M = len(bounds) + 1 <= 3, any strides; mask (R,) contiguous.
+    M = len(bounds) + 1 <= 3, any strides; mask (R,) contiguous. `bt_start` (1,) int64 on the
+    device: bt holds more rows, and the R read start at that one (a row's own adapter slot,
+    chosen on the device so that one captured graph serves every slot).
     """
     n, k = w.shape
     if x.shape != (1, 2 * k if glu else k) or w.stride(1) != 1 or not x.is_contiguous():
@@ -211,7 +225,8 @@ def gemv_lora_triton(
         h.dim() not in (2, 3)
         or h.shape[-2] != members
         or bt is None
-        or bt.shape != (h.shape[-1], n)
+        or bt.shape[1] != n
+        or (bt.shape[0] != h.shape[-1] if bt_start is None else bt.shape[0] < h.shape[-1])
         or bt.stride(1) != 1
         or (mask is not None and (mask.shape != (h.shape[-1],) or not mask.is_contiguous()))
     ):
@@ -237,11 +252,13 @@ def gemv_lora_triton(
     def launch(cfg: tuple[int, int, int]) -> None:
         block_n, block_k, warps = cfg
         _gemv_lora[(triton.cdiv(n, block_n),)](
-            x, w, h_arg, mask_arg, bt_arg, res_arg, g_arg, y, eps, n, b1, b2, k, r, w.stride(0),
+            x, w, h_arg, mask_arg, bt_arg, res_arg, g_arg,
+            bt_start if bt_start is not None else y, y, eps, n, b1, b2, k, r, w.stride(0),
             bt_arg.stride(0),
             hs, hm, hr, SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), MEMBERS=members,
             GLU=glu, HAS_LORA=lora, HAS_MASK=mask is not None,
-            HAS_RES=residual is not None, NORM=norm is not None, BLOCK_R=16 if r <= 16 else 32,
+            HAS_RES=residual is not None, NORM=norm is not None,
+            BT_START=bt_start is not None, BLOCK_R=16 if r <= 16 else 32,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
 
@@ -267,10 +284,13 @@ SHRINK_BLOCK_K, SHRINK_MAX_SPLITS, SHRINK_BLOCK_J = 256, 32, 16
 if triton is not None:
 
     @triton.jit
-    def _shrink(x_ptr, a_ptr, p_ptr, xo_ptr, g_ptr, J, K, stride_a, K_PER: tl.constexpr,
-                BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr,
-                WRITE_X: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+    def _shrink(x_ptr, a_ptr, p_ptr, xo_ptr, g_ptr, start_ptr, J, K, stride_a,
+                K_PER: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                GLU: tl.constexpr, WRITE_X: tl.constexpr, NORM: tl.constexpr,
+                START: tl.constexpr, START_MUL: tl.constexpr):  # fmt: skip
         s = tl.program_id(0)
+        if START:  # the J rows of a from the row's adapter slot on (read on the device)
+            a_ptr += tl.load(start_ptr) * START_MUL * stride_a
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         j_ok = j < J
         acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
@@ -295,13 +315,15 @@ def shrink_triton(
     glu: bool = False,
     glu_out: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
+    rows: tuple[torch.Tensor, int, int] | None = None,
 ) -> torch.Tensor:
     """x (1, K) @ a (J, K)^T as (S, J) fp32 partial sums over S slices of K, one kernel
     (glu: x is (1, 2K) [gate | up] and the input silu(gate) * up, as in `gemv_lora_ref`;
     `glu_out` (1, K), contiguous, then receives that input, so the GEMV after it reads it
     plainly instead of computing the SwiGLU again in each of its programs; `norm_weight` g
     (K,): the partial sums are of (x * g) A^T, for a GEMV with `norm` that scales them by the
-    row's 1 / rms).
+    row's 1 / rms; `rows` = (start (1,) int64 on the device, multiplier, count): only a's
+    rows start * multiplier .. + count, a row's own adapter slot, J = count).
 
     A one-row LoRA shrink reads a few hundred kB; cuBLAS runs it as a split-K GEMM plus a
     reduction kernel (~6 us on an H200). This is the split without the reduction: the GEMV
@@ -310,6 +332,11 @@ def shrink_triton(
     j, k = a.shape
     if x.shape != (1, 2 * k if glu else k) or a.stride(1) != 1 or not x.is_contiguous():
         raise ValueError(f"shrink: x {tuple(x.shape)} against a {tuple(a.shape)}")
+    start, mul = (rows[0], rows[1]) if rows is not None else (None, 1)
+    if rows is not None:
+        if not 0 < rows[2] <= j:
+            raise ValueError(f"shrink: {rows[2]} rows of a {tuple(a.shape)}")
+        j = rows[2]
     steps = max(1, -(-k // (SHRINK_BLOCK_K * SHRINK_MAX_SPLITS)))
     k_per = SHRINK_BLOCK_K * steps
     splits = -(-k // k_per)
@@ -321,9 +348,10 @@ def shrink_triton(
         raise ValueError(f"shrink: norm weight {tuple(g.shape)} for a {k}-wide input")
     p = torch.empty(splits, j, dtype=torch.float32, device=x.device)
     _shrink[(splits, triton.cdiv(j, SHRINK_BLOCK_J))](
-        x, a, p, glu_out if write else p, g if g is not None else p, j, k, a.stride(0),
+        x, a, p, glu_out if write else p, g if g is not None else p,
+        start if start is not None else p, j, k, a.stride(0),
         K_PER=k_per, BLOCK_J=SHRINK_BLOCK_J, BLOCK_K=SHRINK_BLOCK_K, GLU=glu, WRITE_X=write,
-        NORM=g is not None,
+        NORM=g is not None, START=start is not None, START_MUL=mul,
     )  # fmt: skip
     return p
 

@@ -116,9 +116,17 @@ class FusedGroup:
         if shared is None:
             return gemv_lora_triton(x2, self.weight, norm=fold)
         c, m = self.selection.cols, len(self.names)
+        g = None if norm is None else norm.weight
+        col0 = self.selection.col0
+        if col0 is not None:  # the row's own slot: its r columns of every member, no mask
+            r = self.selection.max_rank
+            a = shared.a.reshape(-1, shared.a.shape[-1])
+            parts = shrink_triton(x2, a, norm_weight=g, rows=(col0, m, r * m))
+            h = parts.view(-1, r, m).transpose(1, 2)
+            return gemv_lora_triton(x2, self.weight, h, shared.bt, None, self.bounds, norm=fold,
+                                    bt_start=col0)  # fmt: skip
         # every member's unmasked x A^T as partial sums (S, c*M), A's rows column-major over
         # the members: h[s, m, j] = parts[s, j*M + m]; the kernel sums them, applies the mask
-        g = None if norm is None else norm.weight
         parts = shrink_triton(x2, shared.a[:c].reshape(c * m, -1), norm_weight=g)
         h = parts.view(-1, c, m).transpose(1, 2)
         mask = self.selection.mask.reshape(-1)[:c]

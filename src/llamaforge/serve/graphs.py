@@ -83,8 +83,9 @@ class StaticDecode:
         dev = pool.device
         self.pool, self.rows, self.width, self.cols = pool, rows, width, cols
         self.scratch = pool.slots - 1
-        # ids, positions, write slots and write positions: one buffer, one copy a step
-        self.ints = torch.zeros(4, rows, dtype=torch.long, device=dev)
+        # ids, positions, write slots, write positions and each row's first adapter column:
+        # one buffer, one copy a step
+        self.ints = torch.zeros(5, rows, dtype=torch.long, device=dev)
         self.ints[2] = self.scratch
         self.ids, self.positions = self.ints[0].view(rows, 1), self.ints[1].view(rows, 1)
         self.write_slot, self.write_pos = self.ints[2], self.ints[3]
@@ -111,7 +112,8 @@ class StaticDecode:
         ids = [t or 0 for t in tokens] + pad
         slot = [i if t is not None else self.scratch for i, t in enumerate(tokens)]
         slot += [self.scratch] * (b - n)
-        self.ints.copy_(torch.tensor([ids, pos, slot, pos]), non_blocking=True)
+        col0 = [0 if s is None else s * rank for s in lora_slots] + pad
+        self.ints.copy_(torch.tensor([ids, pos, slot, pos, col0]), non_blocking=True)
         if self.attention != TRITON_ATTENTION:
             seen = self._keys[None, :] <= torch.tensor(pos)[:, None]
             if self.attention == "sdpa":  # each variant reads one of the two masks
@@ -352,6 +354,8 @@ class DecodeRunner:
         else:
             sel.base_only = True
         sel.gemv = st.gemv
+        if st.gemv and st.rows == 1 and st.lora_mask is not None:
+            sel.col0 = st.ints[4, :1]  # the one-row kernels read only the row's own slot
         try:
             hidden = self.model.hidden_states(st.ids, positions=st.positions, cache=st)
             return self.model.lm_head(hidden[:, 0]).float()

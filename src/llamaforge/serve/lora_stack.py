@@ -48,6 +48,9 @@ class Selection:
         self.mask: torch.Tensor | None = None  # (B, 1, cols) during a forward with adapters
         self.base_only = False  # during a forward where no row uses an adapter
         self.gemv = False  # one-row forward: base matmul + delta in one kernel (kernels/gemv.py)
+        # one-row forward: (1,) int64 on the device, the row's first adapter column: the
+        # one-row kernels read only that slot's max_rank columns (no mask, no other slots)
+        self.col0: torch.Tensor | None = None
         self.cols = 0  # columns in use: (highest loaded slot + 1) * max_rank
         self.groups: list[SharedShrink] = []  # their cached projections end with the forward
 
@@ -68,7 +71,7 @@ class Selection:
 
     def clear(self) -> None:
         """End of the forward: layers go back to their own adapters."""
-        self.mask, self.base_only, self.gemv = None, False, False
+        self.mask, self.base_only, self.gemv, self.col0 = None, False, False, None
         for group in self.groups:
             group.forget()
 
@@ -159,6 +162,17 @@ class SlotStack:
         h, bt, mask = None, None, None
         if sel.mask is not None:
             bt = self.bt[: sel.cols]
+            if self.shared is None and sel.col0 is not None:  # the row's own slot only
+                r, a = sel.max_rank, self.a
+                rows = (sel.col0, 1, r)
+                if glu and a.dtype == x2.dtype:  # the shrink stores silu(gate) * up too
+                    x_in = torch.empty(1, a.shape[1], dtype=x2.dtype, device=x2.device)
+                    h = shrink_triton(x2, a, glu=True, glu_out=x_in, rows=rows)[:, None]
+                    x2, glu = x_in, False
+                else:
+                    h = shrink_triton(x2.to(a.dtype), a, glu, rows=rows)[:, None]
+                return gemv_lora_triton(x2, layer.weight, h, self.bt, None, glu=glu,
+                                        residual=residual, bt_start=sel.col0)  # fmt: skip
             if self.shared is None:  # unmasked x A^T (partial sums, one kernel); the GEMV
                 # adds them up and applies the row's mask
                 a = self.a[: sel.cols]
