@@ -17,13 +17,18 @@ loaded slot, fixed between loads, so a row's arithmetic does not depend on its n
 Layers that read the same input (q/k/v of an attention, gate/up of an MLP) share one
 `SharedShrink`: their A blocks live in one buffer, column-major over the members, so the
 first member's call computes x A^T and the mask for all of them in one matmul and one
-multiply, and the others take their slice (at one decode row that is 15 launches a layer
+multiply, and the others take their slice (on the batched path, 15 launches a layer
 instead of 21). Their B^T blocks live side by side in one (cols, sum of outputs) buffer too,
 in the members' order, so a fused projection over the stacked base weights
 (`serve/fused_proj.py`) adds every member's delta from one tensor.
 
-`Selection` is the one object the engine sets per forward (the rows' column mask); every
-`SlotStack` reads it. Outside an engine forward it is empty and the layers run as before.
+At one decode row the kernels of `kernels/gemv.py` take over (`SlotStack.one_row`,
+`one_row_linear`): a split-K shrink of the row's own slot only (its first column `col0` a
+device tensor, so one captured graph serves every slot) and a GEMV that adds the expansion
+in its epilogue.
+
+`Selection` is the one object the engine sets per forward (the rows' column mask, and at
+one row the row's first column); every `SlotStack` reads it. Outside an engine forward it is empty and the layers run as before.
 """
 
 from __future__ import annotations
