@@ -28,7 +28,8 @@ device tensor, so one captured graph serves every slot) and a GEMV that adds the
 in its epilogue.
 
 `Selection` is the one object the engine sets per forward (the rows' column mask, and at
-one row the row's first column); every `SlotStack` reads it. Outside an engine forward it is empty and the layers run as before.
+one row the row's first column); every `SlotStack` reads it. Outside an engine forward it
+is empty and the layers run as before.
 """
 
 from __future__ import annotations
