@@ -115,22 +115,20 @@ class FusedGroup:
         fold = None if norm is None else (norm.weight, norm.eps)
         if shared is None:
             return gemv_lora_triton(x2, self.weight, norm=fold)
-        c, m = self.selection.cols, len(self.names)
+        sel, m = self.selection, len(self.names)
         g = None if norm is None else norm.weight
-        col0 = self.selection.col0
-        if col0 is not None:  # the row's own slot: its r columns of every member, no mask
-            r = self.selection.max_rank
-            a = shared.a.reshape(-1, shared.a.shape[-1])
-            parts = shrink_triton(x2, a, norm_weight=g, rows=(col0, m, r * m))
-            h = parts.view(-1, r, m).transpose(1, 2)
-            return gemv_lora_triton(x2, self.weight, h, shared.bt, None, self.bounds, norm=fold,
-                                    bt_start=col0)  # fmt: skip
         # every member's unmasked x A^T as partial sums (S, c*M), A's rows column-major over
-        # the members: h[s, m, j] = parts[s, j*M + m]; the kernel sums them, applies the mask
-        parts = shrink_triton(x2, shared.a[:c].reshape(c * m, -1), norm_weight=g)
+        # the members: h[s, m, j] = parts[s, j*M + m]; the kernel sums them
+        if sel.col0 is not None:  # the row's own slot: its r columns of every member, no mask
+            c, a, bt, mask = sel.max_rank, shared.a.reshape(-1, shared.a.shape[-1]), shared.bt, None
+            rows = (sel.col0, m, c * m)
+        else:  # every loaded slot; the kernel applies the row's mask
+            c, bt, rows = sel.cols, shared.bt[: sel.cols], None
+            a, mask = shared.a[:c].reshape(c * m, -1), sel.mask.reshape(-1)[:c]
+        parts = shrink_triton(x2, a, norm_weight=g, rows=rows)
         h = parts.view(-1, c, m).transpose(1, 2)
-        mask = self.selection.mask.reshape(-1)[:c]
-        return gemv_lora_triton(x2, self.weight, h, shared.bt[:c], mask, self.bounds, norm=fold)
+        return gemv_lora_triton(x2, self.weight, h, bt, mask, self.bounds, norm=fold,
+                                bt_start=sel.col0)  # fmt: skip
 
     def _mode(self, x: torch.Tensor, layers: list[nn.Module]) -> SharedShrink | None | bool:
         """False: run the layers one by one. None: plain base weights. Else the shared shrink

@@ -165,35 +165,25 @@ class SlotStack:
         if given. x2 is the (1, in) input (glu: (1, 2 in), [gate | up], the input
         silu(gate) * up; not for a shared shrink)."""
         sel = self.selection
-        h, bt, mask = None, None, None
-        if sel.mask is not None:
-            bt = self.bt[: sel.cols]
-            if self.shared is None and sel.col0 is not None:  # the row's own slot only
-                r, a = sel.max_rank, self.a
-                rows = (sel.col0, 1, r)
-                if glu and a.dtype == x2.dtype:  # the shrink stores silu(gate) * up too
-                    x_in = torch.empty(1, a.shape[1], dtype=x2.dtype, device=x2.device)
-                    h = shrink_triton(x2, a, glu=True, glu_out=x_in, rows=rows)[:, None]
-                    x2, glu = x_in, False
-                else:
-                    h = shrink_triton(x2.to(a.dtype), a, glu, rows=rows)[:, None]
-                return gemv_lora_triton(x2, layer.weight, h, self.bt, None, glu=glu,
-                                        residual=residual, bt_start=sel.col0)  # fmt: skip
-            if self.shared is None:  # unmasked x A^T (partial sums, one kernel); the GEMV
-                # adds them up and applies the row's mask
-                a = self.a[: sel.cols]
-                if glu and a.dtype == x2.dtype:  # the shrink stores silu(gate) * up too
-                    x_in = torch.empty(1, a.shape[1], dtype=x2.dtype, device=x2.device)
-                    h = shrink_triton(x2, a, glu=True, glu_out=x_in)[:, None]
-                    x2, glu = x_in, False
-                else:
-                    h = shrink_triton(x2.to(a.dtype), a, glu)[:, None]
-                mask = sel.mask.reshape(-1)[: sel.cols]
-            elif glu:
+        h = bt = mask = start = None
+        if sel.mask is not None and self.shared is not None:
+            if glu:
                 raise ValueError("a shared shrink reads the members' common input, not a GLU")
+            h, bt = self.shrink(x).reshape(1, -1), self.bt[: sel.cols]
+        elif sel.mask is not None:  # unmasked x A^T as partial sums (one kernel)
+            if sel.col0 is not None:  # the row's own slot only, chosen on the device
+                a, bt, start, rows = self.a, self.bt, sel.col0, (sel.col0, 1, sel.max_rank)
+            else:  # every loaded slot; the GEMV applies the row's mask
+                a, bt, rows = self.a[: sel.cols], self.bt[: sel.cols], None
+                mask = sel.mask.reshape(-1)[: sel.cols]
+            if glu and a.dtype == x2.dtype:  # the shrink stores silu(gate) * up too
+                x_in = torch.empty(1, a.shape[1], dtype=x2.dtype, device=x2.device)
+                h = shrink_triton(x2, a, glu=True, glu_out=x_in, rows=rows)[:, None]
+                x2, glu = x_in, False
             else:
-                h = self.shrink(x).reshape(1, -1)
-        return gemv_lora_triton(x2, layer.weight, h, bt, mask, glu=glu, residual=residual)
+                h = shrink_triton(x2.to(a.dtype), a, glu, rows=rows)[:, None]
+        return gemv_lora_triton(x2, layer.weight, h, bt, mask, glu=glu, residual=residual,
+                                bt_start=start)  # fmt: skip
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's (x A^T) kept in its own adapter's columns: (B, T, cols in use)."""
