@@ -11,6 +11,10 @@ configs/smollm2_full_sft_chitchat.yaml) are tokenized once by llamaforge's data 
   (`pack.pack_examples`, exactly what `data.packing: true` does), with as many rows per
   step as carry about the padded batches' real tokens (at least one), so both modes see
   about the same real tokens per step;
+- graph: the packed mode's batches (same rows, same order) through
+  `train.graph_step.PackedGraphStep`: forward, backward, clipping and AdamW captured once as
+  a CUDA graph on the static (rows x --seq) shape and replayed each step (eager on the CPU);
+  its per-step losses follow the packed mode's to bf16 rounding;
 - hf: transformers' LlamaForCausalLM (sdpa) + peft on the padded mode's batches (the same
   conversations in the same order, attention mask, labels -100 outside the answers), what
   `../shared/bench/hf_quality.py` does: the same base weights and the same initial adapter
@@ -196,10 +200,16 @@ def fresh_peak(dev: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def train_mode(model, source, args, dev: torch.device, precision: str) -> dict[str, Any]:
-    """warmup + steps optimizer steps of the training loop's own pieces; timed after warm-up."""
+def train_mode(
+    model, source, args, dev: torch.device, precision: str, graph: bool = False
+) -> dict[str, Any]:
+    """warmup + steps optimizer steps of the training loop's own pieces; timed after warm-up.
+
+    `graph`: packed rows through `PackedGraphStep` instead (captured on CUDA; its warm-up
+    and capture fall in the first step, which the warm-up steps leave untimed).
+    """
     from llamaforge.config import OptimConfig
-    from llamaforge.losses import chunked_causal_lm_loss_fn
+    from llamaforge.losses import chunked_causal_lm_loss_fn, count_label_tokens
     from llamaforge.train.loop import accumulate_gradients, autocast_context, optimizer_step
     from llamaforge.train.optim import build_optimizer, build_scheduler
 
@@ -207,28 +217,45 @@ def train_mode(model, source, args, dev: torch.device, precision: str) -> dict[s
     opt = build_optimizer(model, optim)
     sched = build_scheduler(opt, optim, args.warmup + args.steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    graphed = None
+    if graph:  # packed rows of one shape through the captured step (train/graph_step.py)
+        from llamaforge.train.graph_step import PackedGraphStep
+
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        graphed = PackedGraphStep(
+            model, opt, params, rows=source.batch_size, seq_len=args.seq,
+            max_grad_norm=optim.max_grad_norm, autocast_dtype=low,
+        )  # fmt: skip
     fresh_peak(dev)
     steps = []
     for i in range(args.warmup + args.steps):
         batch = next(source)
         synchronize(dev)
         start = time.perf_counter()
-        stats = accumulate_gradients(
-            model,
-            [batch],
-            chunked_causal_lm_loss_fn,
-            autocast=lambda: autocast_context(precision, dev),
-        )
-        optimizer_step(opt, sched, params, max_grad_norm=optim.max_grad_norm)
+        if graphed is not None:
+            loss_t, norm_t = graphed(batch)
+            sched.step()
+            loss, norm = float(loss_t), float(norm_t)  # the step's one sync, as the loop's
+            graphed.check(norm, i)
+            real, labels = int(batch["seq_lens"].sum()), count_label_tokens(batch)
+        else:
+            stats = accumulate_gradients(
+                model,
+                [batch],
+                chunked_causal_lm_loss_fn,
+                autocast=lambda: autocast_context(precision, dev),
+            )
+            optimizer_step(opt, sched, params, max_grad_norm=optim.max_grad_norm)
+            loss, real, labels = stats.loss, stats.inputs, stats.tokens
         synchronize(dev)
         steps.append(
             {
                 "s": time.perf_counter() - start,
                 "rows": int(batch["input_ids"].shape[0]),
                 "computed": int(batch["input_ids"].numel()),
-                "real": stats.inputs,
-                "labels": stats.tokens,
-                "loss": stats.loss,
+                "real": real,
+                "labels": labels,
+                "loss": loss,
                 "warmup": i < args.warmup,
             }
         )
@@ -358,6 +385,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     for key, what in (
+        ("ratio_graph_over_packed", "graph / packed"),
+        ("ratio_graph_over_hf", "graph / hf"),
         ("ratio_packed_over_padded", "packed / padded"),
         ("ratio_packed_over_hf", "packed / hf"),
         ("ratio_padded_over_hf", "padded / hf"),
@@ -393,7 +422,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--group-by-length", action="store_true", help="padded batches grouped by length"
     )
-    p.add_argument("--modes", default="padded,packed", help="comma list of padded, packed, hf")
+    p.add_argument(
+        "--modes",
+        default="padded,packed",
+        help="comma list of padded, packed, graph (packed through the CUDA-graph step), hf",
+    )
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: the recipe's)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--cache-dir", help="tokenized-data cache (default: llamaforge's)")
@@ -408,8 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     modes = [m for m in args.modes.split(",") if m]
-    if not modes or any(m not in ("padded", "packed", "hf") for m in modes):
-        raise SystemExit(f"--modes {args.modes!r}: use padded, packed and/or hf")
+    if not modes or any(m not in ("padded", "packed", "graph", "hf") for m in modes):
+        raise SystemExit(f"--modes {args.modes!r}: use padded, packed, graph and/or hf")
     args.modes = modes
     return args
 
@@ -443,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pad = tok.pad_id if tok.pad_id is not None else 0
 
     def source(mode: str) -> BatchSource:  # hf reads the padded mode's batches, afresh
-        if mode == "packed":
+        if mode in ("packed", "graph"):
             return BatchSource(packed, packed_bs, pad_id=pad, seed=args.seed)
         return BatchSource(
             examples, args.bs, pad_id=pad, seed=args.seed, group_by_length=args.group_by_length
@@ -461,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model = hf_trainee(model, args)
                 results[mode] = train_hf(model, src, args, dev, precision)
             else:
-                results[mode] = train_mode(model, src, args, dev, precision)
+                results[mode] = train_mode(model, src, args, dev, precision, mode == "graph")
             results[mode]["batch_size"] = src.batch_size
             results[mode]["epoch_padding_fraction"] = epoch_padding(src)
         except torch.cuda.OutOfMemoryError:
@@ -497,10 +530,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "versions": versions("llamaforge"),
     }
-    rate = {m: results.get(m, {}).get("real_tokens_per_s") for m in ("packed", "padded", "hf")}
+    modes = ("graph", "packed", "padded", "hf")
+    rate = {m: results.get(m, {}).get("real_tokens_per_s") for m in modes}
     if rate["packed"] and rate["padded"]:
         report["ratio_packed_over_padded"] = rate["packed"] / rate["padded"]
-    for m in ("packed", "padded"):
+    if rate["graph"] and rate["packed"]:
+        report["ratio_graph_over_packed"] = rate["graph"] / rate["packed"]
+    for m in ("graph", "packed", "padded"):
         if rate[m] and rate["hf"]:
             report[f"ratio_{m}_over_hf"] = rate[m] / rate["hf"]
     report["wall_s"] = time.perf_counter() - start

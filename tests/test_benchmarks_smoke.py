@@ -40,7 +40,7 @@ def test_real_lengths_tiny(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     out = tmp_path / "real_lengths.json"
-    args = ["--tiny", "--modes", "padded,packed,hf", "--lora-dropout", "0"]
+    args = ["--tiny", "--modes", "padded,packed,graph,hf", "--lora-dropout", "0"]
     report = _script("real_lengths").main(
         [*args, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     )
@@ -58,6 +58,11 @@ def test_real_lengths_tiny(tmp_path):
     assert [s["real"] for s in hf["steps"]] == [s["real"] for s in padded["steps"]]
     ours, theirs = [s["loss"] for s in padded["steps"]], [s["loss"] for s in hf["steps"]]
     assert ours == pytest.approx(theirs, abs=1e-4) and report["ratio_padded_over_hf"] > 0
+    # the static-shape step (eager on the CPU) on the packed batches: the packed losses
+    graph = report["results"]["graph"]
+    assert [s["real"] for s in graph["steps"]] == [s["real"] for s in packed["steps"]]
+    want = [s["loss"] for s in packed["steps"]]
+    assert [s["loss"] for s in graph["steps"]] == pytest.approx(want, abs=1e-5)
 
 
 def test_same_math_tiny(tmp_path):

@@ -333,14 +333,15 @@ class Llama(nn.Module):
         input_ids: torch.Tensor,
         *,
         positions: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | Segments | None = None,
         cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C).
 
         positions: (B, T) absolute positions (default: cache.length + arange(T)).
-        mask: bool (B, 1, T, S), True where a query may attend a key; None means causal.
+        mask: bool (B, 1, T, S), True where a query may attend a key; None means causal;
+        or `Segments` of packed rows built by the caller (no cache).
         doc_ids: (B, T) packed-example ids (instead of a mask): attention stays inside each
         run of equal ids, through flash varlen attention on CUDA or a dense mask elsewhere.
         """
@@ -364,14 +365,17 @@ class Llama(nn.Module):
             cache.length += t
         return self.norm(x)
 
-    def _packed_mask(self, doc_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor | Segments:
-        """Varlen segments where flash varlen attention runs, else the dense document mask."""
-        if (
-            cache is None
-            and use_kernel(self.kernels.varlen_attention, doc_ids)
+    def varlen_usable(self, doc_ids: torch.Tensor) -> bool:
+        """Whether packed rows on doc_ids' device run flash varlen attention (no cache)."""
+        return (
+            use_kernel(self.kernels.varlen_attention, doc_ids)
             and varlen_available()
             and _half_precision(self.embed_tokens.weight.dtype, doc_ids.device)
-        ):
+        )
+
+    def _packed_mask(self, doc_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor | Segments:
+        """Varlen segments where flash varlen attention runs, else the dense document mask."""
+        if cache is None and self.varlen_usable(doc_ids):
             return Segments.from_doc_ids(doc_ids)
         return document_causal_mask(doc_ids)
 

@@ -1,0 +1,241 @@
+"""A LoRA training step over packed rows of one fixed shape, replayed as a CUDA graph.
+
+A small model's packed LoRA step is host-bound: SmolLM2-135M at 16 rows x 1,024 tokens
+launches ~4,750 kernels a step and the GPU is busy about a quarter of the wall time
+(`benchmarks/RESULTS.md`, the profile under "Real chitchat lengths"). Capturing the whole
+step once (forward, backward, gradient clipping, the AdamW update) and replaying it takes
+the per-kernel host work away. What capture needs, and this step arranges:
+
+- one shape: every batch is padded to `rows x seq_len` (pad tokens get doc id -1 and no
+  label); a batch of other rows runs eagerly through the loop's own pieces instead;
+- no host syncs inside: the packed segments (`cu_seqlens`, padded to a fixed capacity
+  with empty segments) and the loss weights (label mask / label count) are computed on the
+  host from the CPU batch and copied into static buffers; the loss is the per-token NLL of
+  every position times its weight, so no boolean indexing changes a shape;
+- the head frozen (LoRA / QLoRA), so the fused cross entropy computes per-token gradients
+  in its forward;
+- AdamW with `capturable=True` and its learning rate a device tensor (the scheduler fills
+  it in place); the clip norm stays on the device until the caller reads it;
+- warm-up: the step runs a few times on a side stream before capture (autotuning, lazy
+  optimizer state); the trainable weights and the optimizer state are restored afterwards,
+  so warm-up trains nothing.
+
+The update of a replayed step is applied before its gradient norm is read: a non-finite
+norm cannot skip it, so the caller stops the run (`NonFiniteStep`). On the CPU (and with
+`capture=False`) the same step runs eagerly on the same buffers: that is the path the
+tests compare against the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..kernels.fused_ce import linear_cross_entropy
+from ..losses import IGNORE_INDEX
+from ..model.llama import Segments, document_causal_mask
+
+# pad values of the static buffers, as `train.batches.collate` pads
+_PAD = {"input_ids": 0, "labels": IGNORE_INDEX, "positions": 0, "doc_ids": -1}
+
+
+class NonFiniteStep(UserError):
+    """A captured step met a non-finite gradient norm (its update was already applied)."""
+
+
+def _segment_starts(doc_ids: Tensor) -> Tensor:
+    """Flat start offsets of the runs of equal doc ids in each row of (R, T) doc_ids."""
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return new.flatten().nonzero().flatten()
+
+
+class PackedGraphStep:
+    """forward + backward + clip + AdamW over packed (rows, seq_len) batches, one graph.
+
+    `model` is a LoRA/QLoRA llamaforge `Llama` (frozen lm_head) in train mode, `optimizer`
+    a `torch.optim.AdamW` over `params`. `capture=None` captures on CUDA, runs eagerly
+    elsewhere. `__call__(batch)` takes a collated packed CPU batch of at most `rows` rows of
+    at most `seq_len` tokens and returns (mean loss, grad norm) as device scalars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        params: list[Tensor],
+        *,
+        rows: int,
+        seq_len: int,
+        max_grad_norm: float,
+        autocast_dtype: torch.dtype | None = None,
+        capture: bool | None = None,
+        warmup: int = 3,
+        segments: int | None = None,
+    ) -> None:
+        head = getattr(model, "lm_head", None)
+        if not isinstance(head, nn.Linear) or head.weight.requires_grad:
+            raise ValueError("PackedGraphStep needs a frozen lm_head (LoRA or QLoRA training)")
+        self.model, self.optimizer, self.params = model, optimizer, params
+        self.rows, self.seq_len, self.max_grad_norm = rows, seq_len, max_grad_norm
+        self.autocast_dtype = autocast_dtype
+        self.device = next(model.parameters()).device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture and self.device.type != "cuda":
+            raise ValueError("PackedGraphStep(capture=True) needs the model on CUDA")
+        self.warmup = warmup
+        dev, shape = self.device, (rows, seq_len)
+        self.buf = {k: torch.full(shape, v, dtype=torch.long, device=dev) for k, v in _PAD.items()}
+        self.weight = torch.zeros(rows * (seq_len - 1), dtype=torch.float32, device=dev)
+        # empty segments pad cu_seqlens to a fixed length; a batch with more segments than
+        # this capacity grows it (and captures again)
+        self.capacity = segments or 8 * rows
+        self.cu = torch.full((self.capacity + 1,), rows * seq_len, dtype=torch.int32, device=dev)
+        self.loss = torch.zeros((), device=dev)
+        self.norm = torch.zeros((), device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.varlen = bool(getattr(model, "varlen_usable", lambda _: False)(self.buf["doc_ids"]))
+        if self.capture:
+            for g in optimizer.param_groups:  # capture-safe update, lr on the device
+                g["capturable"] = True
+                if not isinstance(g["lr"], Tensor):
+                    g["lr"] = torch.tensor(float(g["lr"]), device=dev)
+
+    def fits(self, batch: dict[str, Tensor]) -> bool:
+        """Whether `batch` can take this step (at most rows x seq_len, packed)."""
+        r, t = batch["input_ids"].shape
+        return "doc_ids" in batch and r <= self.rows and t <= self.seq_len
+
+    # ------------------------------------------------------------------ host side
+
+    def _load(self, batch: dict[str, Tensor]) -> None:
+        """Copy a CPU batch into the static buffers, padded; weights and segments too."""
+        r, t = batch["input_ids"].shape
+        if not self.fits(batch):
+            want = f"{self.rows} x {self.seq_len}"
+            raise ValueError(f"a packed batch of {r} x {t} does not fit {want}")
+        host = {}
+        for key, pad in _PAD.items():
+            full = torch.full((self.rows, self.seq_len), pad, dtype=torch.long)
+            full[:r, :t] = batch[key].cpu()
+            host[key] = full
+        target = host["labels"][:, 1:].flatten()
+        keep = target != IGNORE_INDEX
+        weight = keep.float() / max(int(keep.sum()), 1)
+        starts = _segment_starts(host["doc_ids"])
+        if starts.numel() > self.capacity:  # more documents than room: a larger graph
+            self.capacity = 1 << math.ceil(math.log2(starts.numel()))
+            self.cu = torch.empty(self.capacity + 1, dtype=torch.int32, device=self.device)
+            self.graph = None
+        cu = torch.full((self.capacity + 1,), self.rows * self.seq_len, dtype=torch.int32)
+        cu[: starts.numel()] = starts.to(torch.int32)
+        for key, value in host.items():
+            self.buf[key].copy_(value)
+        self.weight.copy_(weight)
+        self.cu.copy_(cu)
+
+    # ------------------------------------------------------------------ device side
+
+    def _body(self) -> None:
+        """The step on the static buffers: no host syncs, no shape that depends on data."""
+        model, buf = self.model, self.buf
+        if self.autocast_dtype is not None:
+            autocast: Any = torch.autocast(
+                self.device.type, dtype=self.autocast_dtype, cache_enabled=False
+            )
+        else:
+            autocast = contextlib.nullcontext()
+        with autocast:
+            if self.varlen:
+                mask: Tensor | Segments = Segments(self.cu, self.seq_len)
+            else:
+                mask = document_causal_mask(buf["doc_ids"])
+            hidden = model.hidden_states(buf["input_ids"], positions=buf["positions"], mask=mask)
+            h = hidden[:, :-1].flatten(0, 1)  # (R*(T-1), C)
+            target = buf["labels"][:, 1:].flatten().clamp_min(0)  # ignored -> any id, weight 0
+            kernels = getattr(model, "kernels", None)
+            fused = bool(getattr(kernels, "fused_ce", True))
+            nll = linear_cross_entropy(h, model.lm_head.weight, target, None, fused, True)
+            loss = (nll * self.weight).sum()
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
+        self.optimizer.step()
+        self.loss.copy_(loss.detach())
+        self.norm.copy_(norm)
+
+    def _snapshot(self) -> tuple[list[Tensor], dict[int, dict[str, Any]]]:
+        weights = [p.detach().clone() for p in self.params]
+        state = {
+            id(p): {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
+            for p, s in self.optimizer.state.items()
+        }
+        return weights, state
+
+    def _restore(self, snap: tuple[list[Tensor], dict[int, dict[str, Any]]]) -> None:
+        """Put weights and optimizer state back in place (the graph holds their addresses)."""
+        weights, state = snap
+        with torch.no_grad():
+            for p, w in zip(self.params, weights, strict=True):
+                p.copy_(w)
+            for p, s in self.optimizer.state.items():
+                before = state.get(id(p), {})
+                for k, v in s.items():
+                    if not isinstance(v, Tensor):
+                        continue
+                    if k in before:
+                        v.copy_(before[k])
+                    else:
+                        v.zero_()  # state made by the warm-up: a fresh AdamW's is zeros
+
+    def warm_up(self) -> None:
+        """Run the step `warmup` times on the loaded buffers, then undo what it trained."""
+        snap = self._snapshot()
+        side = torch.cuda.Stream() if self.capture else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for _ in range(self.warmup):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._body()
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        self._restore(snap)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _capture(self) -> None:
+        self.warm_up()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body()
+        self.graph = graph
+
+    def __call__(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """One optimizer step on `batch`: (mean loss, grad norm before clipping), on device."""
+        self._load(batch)
+        if not self.capture:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._body()
+            return self.loss, self.norm
+        if self.graph is None:
+            # warm-up and capture run the body on these buffers; the captured graph has
+            # not stepped yet, so the replay below is this batch's one update
+            self._capture()
+        self.graph.replay()
+        return self.loss, self.norm
+
+    def check(self, norm: float, step: int) -> None:
+        """Stop on a non-finite norm: a replayed update cannot be skipped."""
+        if not math.isfinite(norm):
+            raise NonFiniteStep(
+                f"step {step}: non-finite gradient norm in a captured step (its update is "
+                "applied); resume from the last checkpoint, or train without the captured step to "
+                "skip such steps"
+            )

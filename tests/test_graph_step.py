@@ -1,0 +1,133 @@
+"""The packed training step built for CUDA-graph capture (train/graph_step.py) against the
+training loop's own step: same losses, norms and trained weights (fp32, tiny model).
+
+On the CPU the step runs eagerly on its static buffers (padded rows, per-token loss weights,
+empty segments); on a GPU the captured replay is compared with the same eager step."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from llamaforge.adapters.inject import apply_lora
+from llamaforge.config import OptimConfig
+from llamaforge.data.pack import pack_examples
+from llamaforge.losses import chunked_causal_lm_loss_fn
+from llamaforge.train.batches import collate
+from llamaforge.train.graph_step import NonFiniteStep, PackedGraphStep
+from llamaforge.train.loop import accumulate_gradients, optimizer_step
+from llamaforge.train.optim import build_optimizer, build_scheduler
+from tests.helpers import random_model
+
+ROWS, SEQ = 3, 48
+
+
+def packed_batches(n: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """n collated packed batches of <= ROWS rows, prompts masked out of the labels."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        examples = []
+        for _ in range(rng.randint(3, 8)):
+            length = rng.randint(4, 30)
+            ids = [rng.randrange(1, vocab) for _ in range(length)]
+            cut = rng.randint(1, length - 1)
+            examples.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+        rows = pack_examples(examples, SEQ)[:ROWS]
+        out.append(collate(rows, pad_id=0))
+    return out
+
+
+def trainee(device: str = "cpu"):
+    model = random_model("tiny-llama3").to(device)
+    apply_lora(model, r=4, alpha=8)
+    return model.train()
+
+
+def loop_run(model, batches, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, 10)
+    losses, norms = [], []
+    for b in batches:
+        stats = accumulate_gradients(model, [b], chunked_causal_lm_loss_fn)
+        norm, applied = optimizer_step(opt, sched, params, max_grad_norm=1.0)
+        assert applied
+        losses.append(stats.loss)
+        norms.append(norm)
+    return losses, norms
+
+
+def graph_run(model, batches, cfg, *, warm: bool, segments: int | None = None, **kw):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, 10)
+    step = PackedGraphStep(
+        model, opt, params, rows=ROWS, seq_len=SEQ, max_grad_norm=1.0, segments=segments, **kw
+    )
+    if warm:  # warm-up trains nothing: its weights and optimizer state are put back
+        step._load(batches[0])
+        step.warm_up()
+    losses, norms = [], []
+    for b in batches:
+        loss, norm = step(b)
+        sched.step()
+        losses.append(float(loss))
+        norms.append(float(norm))
+    return losses, norms
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_static_step_equals_the_loop(warm):
+    base = trainee()
+    batches = packed_batches(4, base.cfg.vocab_size)
+    # padding to the static shape is exercised: fewer rows or narrower rows than it
+    assert any(b["input_ids"].shape[0] < ROWS or b["input_ids"].shape[1] < SEQ for b in batches)
+    cfg = OptimConfig(lr=5e-3, schedule="cosine", warmup_steps=1)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    want = loop_run(a, batches, cfg)
+    got = graph_run(b, batches, cfg, warm=warm, capture=False, segments=2)  # grows its room
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    wa, wb = trainable(a), trainable(b)
+    assert any(not torch.equal(wa[n], trainable(base)[n]) for n in wa)  # it trained
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=1e-4, atol=1e-5)  # Adam: ~1/sqrt(v)
+
+
+def test_batches_that_do_not_fit_and_a_trained_head_are_refused():
+    model = trainee()
+    opt = build_optimizer(model, OptimConfig())
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = PackedGraphStep(model, opt, params, rows=1, seq_len=8, max_grad_norm=1.0)
+    (big,) = packed_batches(1, model.cfg.vocab_size)
+    assert not step.fits(big)
+    with pytest.raises(ValueError, match="does not fit 1 x 8"):
+        step(big)
+    with pytest.raises(NonFiniteStep, match="step 7"):
+        step.check(float("nan"), 7)
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen lm_head"):
+        PackedGraphStep(model, opt, params, rows=1, seq_len=8, max_grad_norm=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_replay_equals_the_eager_step():
+    base = trainee("cuda")
+    batches = packed_batches(5, base.cfg.vocab_size)
+    cfg = OptimConfig(lr=5e-3, schedule="cosine", warmup_steps=1)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    kw = {"autocast_dtype": torch.bfloat16}
+    want = graph_run(a, batches, cfg, warm=False, capture=False, **kw)
+    got = graph_run(b, batches, cfg, warm=False, capture=True, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=2e-3, atol=2e-3)
+    wa, wb = trainable(a), trainable(b)
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=2e-3, atol=2e-3)
