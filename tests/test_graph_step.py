@@ -7,20 +7,24 @@ empty segments); on a GPU the captured replay is compared with the same eager st
 from __future__ import annotations
 
 import copy
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from llamaforge.adapters.inject import apply_lora
-from llamaforge.config import OptimConfig
+from llamaforge.cli import main
+from llamaforge.config import ConfigError, OptimConfig, config_from_dict
 from llamaforge.data.pack import pack_examples
 from llamaforge.losses import chunked_causal_lm_loss_fn
 from llamaforge.train.batches import collate
 from llamaforge.train.graph_step import NonFiniteStep, PackedGraphStep
 from llamaforge.train.loop import accumulate_gradients, optimizer_step
 from llamaforge.train.optim import build_optimizer, build_scheduler
-from tests.helpers import random_model
+from tests.helpers import random_model, tiny_hf_folder
 
 ROWS, SEQ = 3, 48
 
@@ -131,3 +135,63 @@ def test_captured_replay_equals_the_eager_step():
     wa, wb = trainable(a), trainable(b)
     for n in wa:
         torch.testing.assert_close(wb[n], wa[n], rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------- in the training loop
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return tiny_hf_folder(tmp_path_factory.mktemp("base"))
+
+
+def _raw(tmp_path: Path, base: Path, name: str, **extra) -> dict:
+    return {
+        "model": str(base),
+        "method": "lora",
+        "data": {"path": str(FIX / "alpaca.json"), "format": "alpaca", "cache_dir": str(tmp_path),
+                 "max_seq_len": 256, "packing": True},
+        "output_dir": str(tmp_path / name),
+        "max_steps": 3,
+        "precision": "fp32",
+        "lora": {"dropout": 0.0},  # dropout masks follow the (padded) shape: off to compare
+        "optim": {"lr": 0.01, "batch_size": 2},
+        "logging": {"tensorboard": False, "plot": False},
+        **extra,
+    }  # fmt: skip
+
+
+def _losses(d: Path) -> list[float]:
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r.get("kind") == "train"]
+
+
+def test_a_run_with_cuda_graph_learns_what_the_eager_loop_learns(tmp_path, base_dir, capsys):
+    """`cuda_graph: true` (eager on the CPU, the same static step a GPU captures): the
+    same per-step losses and checkpoints as the default loop."""
+    for name, extra in (("plain", {}), ("graph", {"cuda_graph": True})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_raw(tmp_path, base_dir, name, **extra)))
+        assert main(["train", str(path)]) == 0
+        capsys.readouterr()
+    plain, graph = _losses(tmp_path / "plain"), _losses(tmp_path / "graph")
+    assert len(graph) == 3 and graph == pytest.approx(plain, rel=1e-5)
+    assert (tmp_path / "graph" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ({"method": "full"}, "method"),
+        ({"stage": "pt", "data": {"path": "x.txt", "format": "text"}}, "data.packing"),
+        ({"optim": {"grad_accum": 2}}, "optim.grad_accum"),
+        ({"precision": "fp16"}, "precision"),
+    ],
+)
+def test_what_a_captured_step_cannot_do_is_a_config_error(tmp_path, extra, key):
+    raw = _raw(tmp_path, Path("base"), "x", cuda_graph=True)
+    raw.update(extra)
+    with pytest.raises(ConfigError, match=f"cuda_graph.*{key}"):
+        config_from_dict(raw)

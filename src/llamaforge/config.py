@@ -324,6 +324,8 @@ class TrainConfig:
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     # With checkpointing, a batch of more tokens runs each feed-forward over slices this size
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
+    # packed LoRA/QLoRA pt/sft: each step one replayed CUDA graph (train/graph_step.py)
+    cuda_graph: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -348,6 +350,10 @@ class RunConfig:
     activation_offload: bool = False
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
+    # Packed LoRA/QLoRA pt or sft in one process: capture each step (forward, backward,
+    # clipping, AdamW) once as a CUDA graph and replay it: no per-kernel host work, which
+    # bounds small models (train/graph_step.py; eager on the CPU)
+    cuda_graph: bool = False
     # GB the run may use (auto: the GPU's free memory; null: no plan); the recipe measures
     # the run and chooses which blocks are checkpointed or offloaded (train/memory_plan.py).
     # Under auto, activation_checkpointing/_offload set by hand win over the plan.
@@ -623,12 +629,34 @@ def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
             "key 'activation_offload' needs 'activation_checkpointing: true' (it offloads "
             "the checkpointed layer inputs)",
         )
+    if cfg.cuda_graph:
+        _cuda_graph_checks(cfg, origins)
     if cfg.activation_checkpointing_layers is not None and not cfg.activation_checkpointing:
         raise origins.error(
             "activation_checkpointing_layers",
             "key 'activation_checkpointing_layers' needs 'activation_checkpointing: true' (it "
             "says how many blocks are checkpointed)",
         )
+
+
+def _cuda_graph_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
+    """What a captured step cannot do: each conflict named by its key."""
+    conflicts = [
+        (cfg.optim.grad_accum != 1, "optim.grad_accum", "one micro-batch a step"),
+        (cfg.activation_offload, "activation_offload", "no CPU copies inside the graph"),
+        (cfg.optim.step_in_backward, "optim.step_in_backward", "AdamW after the backward"),
+        (cfg.precision == "fp16", "precision", "no fp16 grad scaler (use bf16)"),
+    ]
+    if isinstance(cfg, RunConfig):
+        conflicts += [
+            (not cfg.data.packing, "data.packing", "packed rows (data.packing: true)"),
+            (cfg.method not in ("lora", "qlora"), "method", "method lora or qlora"),
+            (cfg.stage not in ("pt", "sft"), "stage", "stage pt or sft"),
+            (cfg.distributed.strategy in ("fsdp2", "ddp"), "distributed.strategy", "one process"),
+        ]
+    for bad, key, need in conflicts:
+        if bad:
+            raise origins.error(key, f"key 'cuda_graph: true' needs {need} (see key '{key}')")
 
 
 def _run_checks(cfg: RunConfig, origins: _Origins) -> None:

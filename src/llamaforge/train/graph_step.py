@@ -103,8 +103,9 @@ class PackedGraphStep:
         if self.capture:
             for g in optimizer.param_groups:  # capture-safe update, lr on the device
                 g["capturable"] = True
-                if not isinstance(g["lr"], Tensor):
-                    g["lr"] = torch.tensor(float(g["lr"]), device=dev)
+                lr = g["lr"]
+                if not (isinstance(lr, Tensor) and lr.device == dev):  # e.g. loaded on the CPU
+                    g["lr"] = torch.tensor(float(lr), device=dev)
 
     def fits(self, batch: dict[str, Tensor]) -> bool:
         """Whether `batch` can take this step (at most rows x seq_len, packed)."""

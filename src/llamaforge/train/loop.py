@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..config import TrainConfig, validate
 from ..errors import UserError
-from ..losses import count_label_tokens
+from ..losses import chunked_causal_lm_loss_fn, count_label_tokens
 from .batches import FILLER, Batch, BatchSource
 from .checkpoint import (
     Stateful,
@@ -41,6 +41,7 @@ from .checkpoint import (
     trainable_state,
 )
 from .distributed import all_reduce_sum, any_rank, is_distributed, world_size
+from .graph_step import PackedGraphStep
 from .metrics import MetricsLogger, is_main_process, plot_losses, read_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -428,6 +429,11 @@ class _Loop:
                 "optim.step_in_backward runs in one process without fp16's grad scaler "
                 f"(precision resolved to {self.precision}, {world_size()} processes)"
             )
+        self.graph: PackedGraphStep | None = None  # built at the first step (after a resume)
+        if cfg.cuda_graph and (loss_fn is not chunked_causal_lm_loss_fn or world_size() > 1):
+            raise UserError(
+                "cuda_graph: true runs the causal-LM loss (stages pt and sft) in one process"
+            )
         self.ckpt_dir = self.out_dir / CHECKPOINT_DIR
         # Loop state that checkpoints carry (see `_extra`).
         self.step, self.tokens_seen, self.skipped, self.bad_streak = 0, 0, 0, 0
@@ -550,11 +556,53 @@ class _Loop:
 
     # -- one step
 
+    def _graph_for(self, batch: Batch) -> PackedGraphStep | None:
+        """The captured step if `cuda_graph` is on and the batch fits its shape."""
+        if not self.cfg.cuda_graph or "doc_ids" not in batch:
+            return None
+        if self.graph is None:
+            rows, width = batch["input_ids"].shape
+            examples = getattr(self.source, "examples", None)
+            if examples:  # the static shape holds every row the source can give
+                width = max(len(ex["input_ids"]) for ex in examples)
+            low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+            self.graph = PackedGraphStep(
+                self.model,
+                self.optimizer,
+                self.params,
+                rows=getattr(self.source, "batch_size", rows),
+                seq_len=width,
+                max_grad_norm=self.cfg.optim.max_grad_norm,
+                autocast_dtype=low,
+            )
+        return self.graph if self.graph.fits(batch) else None
+
+    def _graph_step(self, graph: PackedGraphStep, batch: Batch) -> bool:
+        """One step through the captured graph; a non-finite norm stops the run."""
+        lr = self.scheduler.get_last_lr()[0]
+        loss_t, norm_t = graph(batch)
+        self.scheduler.step()
+        loss, norm = float(loss_t), float(norm_t)  # the step's one sync
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: non-finite loss {loss} or gradient norm {norm} in a "
+                "captured step, whose update is applied before the norm is read; the weights "
+                "in memory are lost, the checkpoints on disk are not: resume from the last "
+                "one with a lower optim.lr, or turn cuda_graph off to skip such steps instead"
+            )
+        tokens = self.count_fn(batch)
+        inputs = int(batch["seq_lens"].sum()) if "seq_lens" in batch else 0
+        self._after_step(WindowStats(loss=loss, tokens=tokens, inputs=inputs, extras={}), lr, norm)
+        return True
+
     def train_step(self) -> bool:
         """Accumulate one window and apply it; False if the step was skipped."""
         window = _window(self.source, self.cfg.optim.grad_accum)
         if not window:
             raise RuntimeError("the batch source ran out before max_steps")
+        graph = self._graph_for(window[0]) if len(window) == 1 else None
+        if graph is not None:
+            return self._graph_step(graph, window[0])
         stats = accumulate_gradients(
             self.model,
             window,
