@@ -210,7 +210,12 @@ def train_mode(
     """
     from llamaforge.config import OptimConfig
     from llamaforge.losses import chunked_causal_lm_loss_fn, count_label_tokens
-    from llamaforge.train.loop import accumulate_gradients, autocast_context, optimizer_step
+    from llamaforge.train.loop import (
+        accumulate_gradients,
+        autocast_context,
+        autocast_dtype,
+        optimizer_step,
+    )
     from llamaforge.train.optim import build_optimizer, build_scheduler
 
     optim = OptimConfig(lr=args.lr or LR[args.method], schedule="constant")
@@ -221,10 +226,9 @@ def train_mode(
     if graph:  # packed rows of one shape through the captured step (train/graph_step.py)
         from llamaforge.train.graph_step import PackedGraphStep
 
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         graphed = PackedGraphStep(
             model, opt, params, rows=source.batch_size, seq_len=args.seq,
-            max_grad_norm=optim.max_grad_norm, autocast_dtype=low,
+            max_grad_norm=optim.max_grad_norm, autocast_dtype=autocast_dtype(precision),
         )  # fmt: skip
     fresh_peak(dev)
     steps = []

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input from the user (a file, a config key, a data row, a CLI argument)."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss (or gradient) was NaN/inf for too many optimizer steps in a row."""

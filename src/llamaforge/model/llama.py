@@ -118,13 +118,18 @@ class Segments:
     cu_seqlens: torch.Tensor
     max_len: int
 
+    @staticmethod
+    def starts(doc_ids: torch.Tensor) -> torch.Tensor:
+        """Flat offsets where a run of equal doc ids begins in each row of (B, T) doc_ids."""
+        new = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T): a segment starts here
+        new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        return new.flatten().nonzero().flatten()
+
     @classmethod
     def from_doc_ids(cls, doc_ids: torch.Tensor) -> Segments:
         """Segments of equal consecutive doc ids within each row of (B, T) doc_ids."""
         b, t = doc_ids.shape
-        new = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T): a segment starts here
-        new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        starts = new.flatten().nonzero().flatten()
+        starts = cls.starts(doc_ids)
         end = torch.tensor([b * t], device=doc_ids.device)
         cu = torch.cat([starts, end]).to(torch.int32)
         return cls(cu, int((cu[1:] - cu[:-1]).max()))

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import NonFiniteLossError
 from ..kernels.fused_ce import linear_cross_entropy
 from ..losses import IGNORE_INDEX
 from ..model.llama import Segments, document_causal_mask
@@ -44,15 +44,8 @@ from ..model.llama import Segments, document_causal_mask
 _PAD = {"input_ids": 0, "labels": IGNORE_INDEX, "positions": 0, "doc_ids": -1}
 
 
-class NonFiniteStep(UserError):
+class NonFiniteStep(NonFiniteLossError):
     """A captured step met a non-finite gradient norm (its update was already applied)."""
-
-
-def _segment_starts(doc_ids: Tensor) -> Tensor:
-    """Flat start offsets of the runs of equal doc ids in each row of (R, T) doc_ids."""
-    new = torch.ones_like(doc_ids, dtype=torch.bool)
-    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return new.flatten().nonzero().flatten()
 
 
 class PackedGraphStep:
@@ -99,7 +92,8 @@ class PackedGraphStep:
         self.loss = torch.zeros((), device=dev)
         self.norm = torch.zeros((), device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.varlen = bool(getattr(model, "varlen_usable", lambda _: False)(self.buf["doc_ids"]))
+        self.varlen = model.varlen_usable(self.buf["doc_ids"])
+        self.fused_ce = bool(getattr(model.kernels, "fused_ce", True))
         if self.capture:
             for g in optimizer.param_groups:  # capture-safe update, lr on the device
                 g["capturable"] = True
@@ -128,7 +122,7 @@ class PackedGraphStep:
         target = host["labels"][:, 1:].flatten()
         keep = target != IGNORE_INDEX
         weight = keep.float() / max(int(keep.sum()), 1)
-        starts = _segment_starts(host["doc_ids"])
+        starts = Segments.starts(host["doc_ids"])
         if starts.numel() > self.capacity:  # more documents than room: a larger graph
             self.capacity = 1 << math.ceil(math.log2(starts.numel()))
             self.cu = torch.empty(self.capacity + 1, dtype=torch.int32, device=self.device)
@@ -159,9 +153,7 @@ class PackedGraphStep:
             hidden = model.hidden_states(buf["input_ids"], positions=buf["positions"], mask=mask)
             h = hidden[:, :-1].flatten(0, 1)  # (R*(T-1), C)
             target = buf["labels"][:, 1:].flatten().clamp_min(0)  # ignored -> any id, weight 0
-            kernels = getattr(model, "kernels", None)
-            fused = bool(getattr(kernels, "fused_ce", True))
-            nll = linear_cross_entropy(h, model.lm_head.weight, target, None, fused, True)
+            nll = linear_cross_entropy(h, model.lm_head.weight, target, None, self.fused_ce, True)
             loss = (nll * self.weight).sum()
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -236,7 +228,8 @@ class PackedGraphStep:
         """Stop on a non-finite norm: a replayed update cannot be skipped."""
         if not math.isfinite(norm):
             raise NonFiniteStep(
-                f"step {step}: non-finite gradient norm in a captured step (its update is "
-                "applied); resume from the last checkpoint, or train without the captured step to "
-                "skip such steps"
+                f"step {step}: non-finite gradient norm {norm} in a captured step, whose "
+                "update is applied before the norm is read; the weights in memory are lost, the "
+                "checkpoints on disk are not: resume from the last one with a lower optim.lr, "
+                "or turn cuda_graph off to skip such steps instead"
             )

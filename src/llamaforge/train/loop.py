@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..config import TrainConfig, validate
-from ..errors import UserError
+from ..errors import NonFiniteLossError, UserError
 from ..losses import chunked_causal_lm_loss_fn, count_label_tokens
 from .batches import FILLER, Batch, BatchSource
 from .checkpoint import (
@@ -70,10 +70,6 @@ class BatchStream(Protocol):
     def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]: ...
 
 
-class NonFiniteLossError(UserError, RuntimeError):
-    """The loss (or gradient) was NaN/inf for too many optimizer steps in a row."""
-
-
 @dataclass
 class TrainResult:
     """How a call to `train` ended."""
@@ -111,11 +107,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The 16-bit dtype a resolved precision computes in under autocast; None for fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for bf16/fp16 on `device`, a no-op context for fp32."""
-    if precision == "fp32":
+    dtype = autocast_dtype(precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -565,7 +566,6 @@ class _Loop:
             examples = getattr(self.source, "examples", None)
             if examples:  # the static shape holds every row the source can give
                 width = max(len(ex["input_ids"]) for ex in examples)
-            low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
             self.graph = PackedGraphStep(
                 self.model,
                 self.optimizer,
@@ -573,23 +573,18 @@ class _Loop:
                 rows=getattr(self.source, "batch_size", rows),
                 seq_len=width,
                 max_grad_norm=self.cfg.optim.max_grad_norm,
-                autocast_dtype=low,
+                autocast_dtype=autocast_dtype(self.precision),
             )
         return self.graph if self.graph.fits(batch) else None
 
     def _graph_step(self, graph: PackedGraphStep, batch: Batch) -> bool:
-        """One step through the captured graph; a non-finite norm stops the run."""
+        """One step through the captured graph; a non-finite norm stops the run
+        (`NonFiniteStep`: the replayed update cannot be skipped)."""
         lr = self.scheduler.get_last_lr()[0]
         loss_t, norm_t = graph(batch)
         self.scheduler.step()
         loss, norm = float(loss_t), float(norm_t)  # the step's one sync
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise NonFiniteLossError(
-                f"step {self.step + 1}: non-finite loss {loss} or gradient norm {norm} in a "
-                "captured step, whose update is applied before the norm is read; the weights "
-                "in memory are lost, the checkpoints on disk are not: resume from the last "
-                "one with a lower optim.lr, or turn cuda_graph off to skip such steps instead"
-            )
+        graph.check(norm, self.step + 1)
         tokens = self.count_fn(batch)
         inputs = int(batch["seq_lens"].sum()) if "seq_lens" in batch else 0
         self._after_step(WindowStats(loss=loss, tokens=tokens, inputs=inputs, extras={}), lr, norm)
