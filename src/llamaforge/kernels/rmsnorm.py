@@ -120,7 +120,9 @@ def _backward(
     dy2 = _rows(dy)  # (R, C)
     dres2 = dy2 if dres is None else _rows(dres)  # (R, C)
     dx = torch.empty_like(x2)  # (R, C), x's dtype
-    if x2.is_cuda:
+    if not want_dw:  # nothing to reduce across rows (a frozen weight): one row a program
+        n_progs = n_rows
+    elif x2.is_cuda:
         n_progs = 2 * torch.cuda.get_device_properties(x2.device).multi_processor_count
     else:  # Triton's interpreter: a few programs are enough to exercise the reduction
         n_progs = 4
