@@ -162,3 +162,109 @@ def test_model_training_step_is_the_same_through_the_fused_layers(monkeypatch):
     assert grads_f.keys() == grads_u.keys() and grads_f
     for n in grads_u:
         torch.testing.assert_close(grads_f[n], grads_u[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+# ---- several layers over one input (q/k/v, gate/up) as one node ----
+
+
+def group(outs=(40, 24, 24), nf4=False, dtype=torch.float32, alpha=16, **kw):
+    return [
+        layer(n_out=o, nf4=nf4, dtype=dtype, alpha=alpha, seed=i, **kw) for i, o in enumerate(outs)
+    ]
+
+
+def group_grads(layers, x, gs, fused: bool, monkeypatch):
+    """Outputs and the gradients of x and every A and B, grouped (fused) or layer by layer."""
+    layers = copy.deepcopy(layers)
+    for m in layers:
+        m.kernels = Kernels(lora=fused)
+    monkeypatch.setattr(lora_mod, "fusable_device", lambda x: True)
+    x = x.detach().clone().requires_grad_(True)
+    if fused:
+        ys = LoRALinear.group_forward(x, layers)
+        assert ys is not None, "the group did not take the fused path"
+    else:
+        ys = [m(x) for m in layers]
+    torch.autograd.backward([y for y, g in zip(ys, gs, strict=True) if g is not None],
+                            [g for g in gs if g is not None])  # fmt: skip
+    ab = [t.grad for m in layers for t in (m.lora_A["a"], m.lora_B["a"])]
+    return [y.detach() for y in ys], [x.grad, *ab]
+
+
+@pytest.mark.parametrize("alpha", [8, 16])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_fused_group_equals_the_layers_one_by_one_fp32(alpha, nf4, monkeypatch):
+    layers = group(nf4=nf4, alpha=alpha)
+    x = torch.randn(3, 5, 48, device=DEV)
+    gs = [torch.randn(3, 5, m.out_features, device=DEV) for m in layers]
+    want_y, want_g = group_grads(layers, x, gs, False, monkeypatch)
+    got_y, got_g = group_grads(layers, x, gs, True, monkeypatch)
+    for w, h in zip(want_y + want_g, got_y + got_g, strict=True):
+        assert h.dtype == w.dtype and h.shape == w.shape
+        torch.testing.assert_close(h, w, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_group_with_an_output_outside_the_loss(monkeypatch):
+    layers = group()
+    x = torch.randn(6, 48, device=DEV)
+    gs = [torch.randn(6, 40, device=DEV), None, torch.randn(6, 24, device=DEV)]
+    want_y, want_g = group_grads(layers, x, gs, False, monkeypatch)
+    got_y, got_g = group_grads(layers, x, gs, True, monkeypatch)
+    assert want_g[3] is None and want_g[4] is None  # the second layer's A, B: no gradient
+    torch.testing.assert_close(got_g[3], torch.zeros_like(got_g[3]))  # fused: zeros
+    for i, (w, h) in enumerate(zip(want_y + want_g, got_y + got_g, strict=True)):
+        if w is not None:
+            torch.testing.assert_close(h, w, atol=1e-5, rtol=1e-5, msg=str(i))
+
+
+def test_fused_group_under_bf16_autocast_matches_within_one_rounding(monkeypatch):
+    layers = group(outs=(192, 64, 64), dtype=torch.bfloat16, n_in=256, r=16)
+    x = torch.randn(64, 256, device=DEV).bfloat16()
+    gs = [torch.randn(64, m.out_features, device=DEV).bfloat16() for m in layers]
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        want_y, want_g = group_grads(layers, x, gs, False, monkeypatch)
+        got_y, got_g = group_grads(layers, x, gs, True, monkeypatch)
+    assert [t.dtype for t in got_g] == [torch.bfloat16] + [torch.float32] * 6
+    for w, h in zip(want_y + want_g, got_y + got_g, strict=True):
+        scale = w.float().abs().max().item()
+        torch.testing.assert_close(h.float(), w.float(), atol=2e-2 * scale, rtol=2e-2)
+
+
+def test_group_runs_layer_by_layer_where_fusing_would_change_the_math(monkeypatch):
+    monkeypatch.setattr(lora_mod, "fusable_device", lambda x: True)
+    x = torch.randn(4, 48, device=DEV)
+
+    def fused(layers):
+        for m in layers:
+            m.kernels = Kernels(lora=True)
+        return LoRALinear.group_forward(x, layers) is not None
+
+    assert fused(group())
+    assert not fused(group()[:1])  # one layer: nothing to group
+    assert not fused(group(dropout=0.1))  # own dropout masks (in training)
+    assert fused([m.eval() for m in group(dropout=0.1)])  # eval: no dropout
+    assert not fused(group(bias=True))
+    mixed = group()
+    mixed[1].scaling["a"] = 3.0
+    assert not fused(mixed)
+    plain = group()
+    plain[2].kernels = Kernels(lora=False)
+    assert LoRALinear.group_forward(x, plain) is None  # one layer off: all on their own
+    assert not fused(group()[:1] + group(nf4=True)[1:])  # plain and NF4 bases
+
+
+def test_model_groups_qkv_and_gate_up(monkeypatch):
+    """Through a model: q/k/v and gate/up run grouped, the loss and gradients as before."""
+    model = random_model("tiny-llama3").to(DEV)
+    apply_lora(model, r=4, alpha=8, lora_dtype=torch.float32)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12), device=DEV)
+    monkeypatch.setattr(lora_mod, "fusable_device", lambda x: True)
+    sizes = []
+    real = lora_mod.fused_lora_group
+    monkeypatch.setattr(
+        lora_mod, "fused_lora_group", lambda x, w, *a: sizes.append(len(w)) or real(x, w, *a)
+    )
+    m = copy.deepcopy(model)
+    m.set_kernels(dataclasses.replace(Kernels.none(), lora=True))
+    m(ids)
+    assert sorted(set(sizes)) == [2, 3] and len(sizes) == 2 * model.cfg.n_layers

@@ -18,10 +18,17 @@ Everything runs in one compute dtype (autocast's when it is on, as `F.linear` un
 would); gradients come back in each input's own dtype. The base weight is a frozen tensor
 or an NF4 weight dequantised in the forward and again in the backward (never saved).
 Tests compare values and gradients with the unfused layer under autograd.
+
+`fused_lora_group` does the same for several layers that read one input (q/k/v, gate/up),
+as one node: their A matrices stacked, so the input is read once for all of them forward
+(h = x @ [A_1; ...; A_n]^T) and backward (d[A_1; ...] = dh^T @ x), and one input gradient
+dx = sum_i g_i @ W_i + dh @ [A_1; ...] accumulated in place, where separate layers would
+each write their own dx and autograd would add them up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -107,3 +114,82 @@ def fused_lora_linear(
     gradients in their own dtype. Returns `dtype`.
     """
     return _FusedLoRA.apply(x, x_drop, weight, bias, a, b, scaling, dtype)
+
+
+class _FusedLoRAGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(  # noqa: D102 - as fused_lora_group
+        ctx: Any,
+        x: torch.Tensor,
+        weights: Sequence[torch.Tensor | NF4Weight],
+        scaling: float,
+        dtype: torch.dtype,
+        *ab: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        n = len(weights)
+        a_s, b_s = ab[:n], ab[n:]
+        lead, n_in = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, n_in).to(dtype)  # (N, in)
+        ac = torch.cat(a_s).to(dtype)  # (n*r, in): one read of x for every adapter
+        bc = [b.to(dtype) for b in b_s]  # (out_i, r)
+        h = x2 @ ac.t()  # (N, n*r)
+        if scaling != 1.0:
+            h.mul_(scaling)
+        ranks = [a.shape[0] for a in a_s]
+        hs = h.split(ranks, dim=1)  # (N, r_i) column views
+        ys = []
+        for w, hi, bi in zip(weights, hs, bc, strict=True):
+            y = F.linear(x2, _dense(w, dtype))  # (N, out_i)
+            y.addmm_(hi, bi.t())
+            ys.append(y.view(*lead, y.shape[-1]))
+        ctx.save_for_backward(x2, h, ac, *bc)
+        ctx.weights, ctx.scaling, ctx.ranks = weights, scaling, ranks
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.ab_dtypes = [t.dtype for t in ab]
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None):  # noqa: D102 - see the module doc
+        x2, h, ac, *bc = ctx.saved_tensors
+        n, dtype = len(bc), h.dtype
+        gs = [None if g is None else g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
+        hs = h.split(ctx.ranks, dim=1)
+        db, dh_parts = [], []
+        for g, hi, bi, r in zip(gs, hs, bc, ctx.ranks, strict=True):
+            if g is None:  # an output that took no part in the loss
+                db.append(torch.zeros_like(bi))
+                dh_parts.append(h.new_zeros(h.shape[0], r))
+                continue
+            db.append(g.t() @ hi)  # (out_i, r)
+            dh_parts.append(g @ bi)  # (N, r)
+        dh = torch.cat(dh_parts, dim=1)  # (N, n*r)
+        if ctx.scaling != 1.0:
+            dh.mul_(ctx.scaling)
+        da = dh.t() @ x2  # (n*r, in)
+        dx = dh @ ac  # (N, in), the base layers' input gradients accumulated into it
+        for g, w in zip(gs, ctx.weights, strict=True):
+            if g is not None:
+                dx.addmm_(g, _dense(w, dtype))
+        dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
+        a_grads = [t.to(d) for t, d in zip(da.split(ctx.ranks), ctx.ab_dtypes[:n], strict=True)]
+        b_grads = [t.to(d) for t, d in zip(db, ctx.ab_dtypes[n:], strict=True)]
+        return dx, None, None, None, *a_grads, *b_grads
+
+
+def fused_lora_group(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor | NF4Weight],
+    a_s: Sequence[torch.Tensor],
+    b_s: Sequence[torch.Tensor],
+    scaling: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, ...]:
+    """x @ W_i^T + (x @ A_i^T * scaling) @ B_i^T for each layer i over one input, no bias, no
+    dropout, as one autograd node in `dtype`; (..., in) -> tuple of (..., out_i).
+
+    The W_i are frozen (tensors or NF4 weights); A_i (r_i, in) and B_i (out_i, r_i) get their
+    gradients in their own dtypes, x in its own.
+    """
+    if not (len(weights) == len(a_s) == len(b_s)):
+        raise ValueError("fused_lora_group needs one A and one B per weight")
+    return _FusedLoRAGroup.apply(x, tuple(weights), scaling, dtype, *a_s, *b_s)

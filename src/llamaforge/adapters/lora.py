@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..kernels import Kernels
-from .fused import fused_lora_linear
+from .fused import fused_lora_group, fused_lora_linear
 from .int8 import Int8Linear
 from .nf4 import NF4Linear, NF4Weight, nf4_linear, plain_linear
 
@@ -218,6 +218,38 @@ class LoRALinear(nn.Module):
         )
         # an NF4 base returns x's dtype (as nf4_linear), a plain one the compute dtype
         return y if self.nf4 is None else y.to(x.dtype)
+
+    @staticmethod
+    def group_forward(
+        x: torch.Tensor, layers: Sequence[nn.Module]
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Layers that read the same x (q/k/v, gate/up) as one fused node
+        (adapters/fused.py `fused_lora_group`), or None where they must run on their own:
+        any layer that would not take the fused path alone, a bias, LoRA dropout while
+        training, or adapters that differ in name, scaling or kind of base."""
+        first = layers[0]
+        if len(layers) < 2 or not all(isinstance(m, LoRALinear) for m in layers):
+            return None
+        dtype, name = first._fused_dtype(x), first.active
+        if dtype is None or (first.gathered is not None and first.gathered.running):
+            return None
+        for m in layers:
+            if m._fused_dtype(x) != dtype or m.active != name or m.bias is not None:
+                return None
+            if m.scaling[name] != first.scaling[name] or (m.nf4 is None) != (first.nf4 is None):
+                return None
+            if m.training and m.dropout_p(name) > 0:  # each layer's own mask: not shared
+                return None
+        ys = fused_lora_group(
+            x,
+            [m.weight if m.nf4 is None else m.nf4 for m in layers],
+            [m.lora_A[name] for m in layers],
+            [m.lora_B[name] for m in layers],
+            first.scaling[name],
+            dtype,
+        )
+        # an NF4 base returns x's dtype (as nf4_linear), a plain one the compute dtype
+        return ys if first.nf4 is None else tuple(y.to(x.dtype) for y in ys)
 
     def _row_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add each adapter's delta to its own rows of the batch (dim 0) only."""

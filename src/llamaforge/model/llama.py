@@ -135,6 +135,14 @@ class Segments:
         return cls(cu, int((cu[1:] - cu[:-1]).max()))
 
 
+def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Each layer over the same x; LoRA layers that can run as one fused node do
+    (`LoRALinear.group_forward`: x read once for all their adapters, one input gradient)."""
+    group = getattr(layers[0], "group_forward", None)
+    out = group(x, layers) if group is not None else None
+    return out if out is not None else tuple(layer(x) for layer in layers)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA) through PyTorch SDPA."""
 
@@ -163,7 +171,7 @@ class Attention(nn.Module):
         if self.fused_qkv is not None:
             q, k, v = self.fused_qkv(x)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -240,7 +248,7 @@ class MLP(nn.Module):
                 return y
             gate, up = self.fused_gate_up(x)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = project(x, (self.gate_proj, self.up_proj))
         return self.down_proj(swiglu(gate, up, self.kernels.swiglu))
 
     def _glu_down(self, x: torch.Tensor, residual: torch.Tensor | None = None):
