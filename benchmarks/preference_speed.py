@@ -1,20 +1,22 @@
 """Preference training speed: llamaforge's DPO and reward-model stages against TRL's trainers.
 
-One invocation trains, each in its own process on the same GPU: llamaforge `stage: dpo`
-(its stage-table loss, pair collation and optimizer) and TRL `DPOTrainer` + peft (and the
-same with Liger's layer kernels, `use_liger_kernel=True`), then llamaforge `stage: rm` and
-TRL `RewardTrainer` + peft. Same shape for all: randomly initialised weights, LoRA r16
-(alpha 16) on all 7 projections with fp32 adapter weights over a bf16 base, `PAIRS` pairs
-per step, each pair a shared prompt of `PROMPT` tokens and two answers of `ANSWER` tokens
-(so every sequence is PROMPT + ANSWER long, 1,024 + 1,024 by default: 1,024 tokens of
-prompt and answer for the chosen and as many for the rejected side), random token ids,
-gradient checkpointing (non-reentrant), AdamW, clipping at 1.0, DPO sigmoid loss with
-beta 0.1 and the reference = the same base with adapters switched off (neither stack keeps
-a second model). Tokens/s counts every token of both sequences of every pair (4,096 a step
-at the default shape) over the median step time after the warm-up steps; peak memory is
-the peak allocated during training (weights included). TRL is driven through its own
-`train()` with a callback that times each optimizer step; its text datasets go through a
-word-level tokenizer whose words are the token ids, so it sees exactly the same lengths.
+One invocation trains, each in its own process on the same GPU: llamaforge `stage: dpo` (its
+stage-table loss, pair collation and optimizer) and TRL `DPOTrainer` + peft (and the same with
+Liger's layer kernels, `use_liger_kernel=True`), then llamaforge `stage: rm` and TRL
+`RewardTrainer` + peft. Same shape for all: randomly initialised weights, LoRA r16 (alpha 16) on
+all 7 projections with fp32 adapter weights over a bf16 base, `PAIRS` pairs per step, each pair
+a shared prompt of `PROMPT` tokens and two answers of `ANSWER` tokens (so every sequence is
+PROMPT + ANSWER long, 1,024 + 1,024 by default: 1,024 tokens of prompt and answer for the chosen
+and as many for the rejected side), random token ids, gradient checkpointing (non-reentrant),
+AdamW, clipping at 1.0, DPO sigmoid loss with beta 0.1 and the reference = the same base with
+adapters switched off (neither stack keeps a second model). llamaforge's DPO puts each pair in
+one row by default, the prompt once and the rejected answer masked from the chosen one
+(`dpo.shared_prompt`; the stack `llamaforge-dpo-two-rows` turns it off). Tokens/s counts every
+token of both sequences of every pair, the prompt twice, whichever layout runs (8,192 a step at
+the default shape), over the median step time after the warm-up steps; peak memory is the peak
+allocated during training (weights included). TRL is driven through its own `train()` with a
+callback that times each optimizer step; its text datasets go through a word-level tokenizer
+whose words are the token ids, so it sees exactly the same lengths.
 
     python benchmarks/preference_speed.py --out preference_speed.json          # 8B, GPU
     python benchmarks/preference_speed.py --shape tiny --steps 2 --warmup 1     # CPU smoke test
@@ -41,6 +43,7 @@ import train_throughput as tt  # noqa: E402  (the shapes, model set-up and child
 
 STACKS = {
     "llamaforge-dpo": ("dpo", "llamaforge"),
+    "llamaforge-dpo-two-rows": ("dpo", "llamaforge, dpo.shared_prompt false"),
     "trl-dpo": ("dpo", "TRL DPOTrainer + peft"),
     "trl-dpo-liger": ("dpo", "TRL DPOTrainer + peft + Liger kernels"),
     "llamaforge-rm": ("rm", "llamaforge"),
@@ -72,19 +75,24 @@ def sequences(spec: tt.Spec, prompt: int, gen: torch.Generator, vocab: int) -> l
 # ----------------------------------------------------------------------------- llamaforge
 
 
-def llamaforge_child(objective: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
-    """The stage's own loss, collation and optimizer on llamaforge's model, step by step."""
+def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
+    """The stage's own loss, collation and optimizer on llamaforge's model, step by step.
+
+    DPO runs its default shared-prompt rows (one row a pair, the prompt once) unless the
+    stack is `llamaforge-dpo-two-rows` (chosen and rejected as two rows, as TRL's)."""
     from llamaforge.adapters.inject import parameter_counts
     from llamaforge.config import DataConfig, OptimConfig, RunConfig
-    from llamaforge.train.batches import collate_pairs
     from llamaforge.train.loop import autocast_context
     from llamaforge.train.optim import build_optimizer
     from llamaforge.train.stages import STAGES
 
+    objective = STACKS[name][0]
     model, precision, notes = tt.llamaforge_model(spec, tt.STACKS["llamaforge"], dev)
     cfg = RunConfig(model="random", data=DataConfig(path="-"), stage=objective, method=spec.method)
     cfg.dpo.beta = BETA
+    cfg.dpo.shared_prompt = name != "llamaforge-dpo-two-rows"
     stage = STAGES[objective]
+    collate_fn = stage.batches(cfg)
     if stage.prepare is not None:  # the reward head (trainable: added after the frozen base)
         stage.prepare(model, cfg)
         model.to(dev)
@@ -95,7 +103,7 @@ def llamaforge_child(objective: str, spec: tt.Spec, prompt: int, dev: torch.devi
 
     def step() -> float:
         examples = sequences(spec, prompt, gen, spec.hf_config["vocab_size"])
-        batch = {k: v.to(dev) for k, v in collate_pairs(examples, pad_id=0).items()}
+        batch = {k: v.to(dev) for k, v in collate_fn(examples, 0).items()}
         with autocast_context(precision, dev):
             total, n, _extras = loss_fn(model, batch)
         (total / n).backward()
@@ -278,7 +286,7 @@ def child(name: str, spec: tt.Spec, prompt: int) -> dict:
     t0 = time.perf_counter()
     try:
         if name.startswith("llamaforge"):
-            result = llamaforge_child(STACKS[name][0], spec, prompt, dev)
+            result = llamaforge_child(name, spec, prompt, dev)
         else:
             result = trl_child(name, spec, prompt, dev)
     except tt.Skip as e:

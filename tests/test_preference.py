@@ -18,7 +18,7 @@ from llamaforge.data.sources import EMPTY_RESPONSE, ZERO_TRAINABLE, BadRow, Data
 from llamaforge.data.tokenizer import load_tokenizer
 from llamaforge.io.hf import add_score_head, load_hf, save_hf
 from llamaforge.losses import dpo_loss_fn, reward_loss_fn, reward_scores, sequence_logps
-from llamaforge.train.batches import collate_pairs
+from llamaforge.train.batches import collate_pairs, collate_shared_pairs
 from tests.helpers import random_model, tiny_hf_folder
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -101,11 +101,12 @@ def _lora_model():
     return apply_lora(random_model("tiny-llama3", seed=1), r=4, alpha=8, dropout=0.0)
 
 
-def test_dpo_loss_is_ln2_at_step_0_with_adapters_off_reference(tok):
+@pytest.mark.parametrize("collate_fn", [collate_pairs, collate_shared_pairs])
+def test_dpo_loss_is_ln2_at_step_0_with_adapters_off_reference(tok, collate_fn):
     from llamaforge.train.stages import _adapters_off_reference
 
     model = _lora_model()
-    batch = collate_pairs(_pairs(tok).train[:4], pad_id=0)
+    batch = collate_fn(_pairs(tok).train[:4], pad_id=0)
     for loss in ("sigmoid", "hinge", "ipo"):
         fn = dpo_loss_fn(loss, beta=0.1, reference=_adapters_off_reference)
         total, n, extras = fn(model, batch)
@@ -369,3 +370,98 @@ def test_lora_reward_adapter_loads_in_peft_and_back_with_same_scores(tmp_path, b
         again = reward_scores(back.eval(), batch)
     assert (ours - theirs).abs().max() < 1e-4
     assert (ours - again).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_shared_prompt_rows_give_each_answer_the_logps_of_its_own_row(tok, lora):
+    """One row per pair (prompt once, rejected masked from chosen) against two rows per pair:
+    the same log-probs, counts and gradients; with a masked label inside an answer, answers
+    of different lengths and a pair without a prompt."""
+    from llamaforge.losses import count_pairs
+
+    model = _lora_model() if lora else random_model("tiny-llama3", seed=5)
+    pairs = [dict(ex) for ex in _pairs(tok).train[:3]]
+    pairs[1]["chosen_labels"] = [-100] + pairs[1]["chosen_labels"][1:]
+    pairs[2] = {**pairs[2], "prompt_ids": [], "rejected_ids": pairs[2]["rejected_ids"][:3],
+                "rejected_labels": pairs[2]["rejected_labels"][:3]}  # fmt: skip
+    two, one = collate_pairs(pairs, pad_id=0), collate_shared_pairs(pairs, pad_id=0)
+    assert one["input_ids"].shape[0] == 3 and count_pairs(one) == count_pairs(two) == 3
+    p = len(pairs[0]["prompt_ids"])
+    assert one["input_ids"].shape[1] < two["input_ids"].shape[1] + p  # the prompt once
+    params = [q for q in model.parameters() if q.requires_grad]
+    weights = torch.tensor([0.3, -1.2, 0.7, 2.0, 1.1, -0.4])
+    got_logps, got_n = sequence_logps(model, one)
+    want_logps, want_n = sequence_logps(model, two)
+    assert got_n.tolist() == want_n.tolist()
+    torch.testing.assert_close(got_logps, want_logps, atol=1e-4, rtol=1e-5)
+    got = torch.autograd.grad((got_logps * weights).sum(), params)
+    want = torch.autograd.grad((want_logps * weights).sum(), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_dpo_runs_shared_prompt_rows_unless_told_not_to():
+    from llamaforge.config import DataConfig, RunConfig
+    from llamaforge.train.stages import STAGES
+
+    cfg = RunConfig(model="m", data=DataConfig(path="-"), stage="dpo")
+    assert STAGES["dpo"].batches(cfg) is collate_shared_pairs
+    cfg.dpo.shared_prompt = False
+    assert STAGES["dpo"].batches(cfg) is collate_pairs
+    assert STAGES["rm"].batches(cfg) is collate_pairs
+
+
+def _segment_attention(q, k, v, cu, max_len):
+    """Causal attention per segment of flat tokens (what flash varlen computes), on the CPU."""
+    import torch.nn.functional as F
+
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    bounds = cu.tolist()
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        if b > a:
+            qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # (H, L, D)
+            ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+            out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
+    assert max_len == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    return out
+
+
+def test_shared_prompt_varlen_segments_equal_the_dense_mask(tok, monkeypatch):
+    """Where flash varlen runs, each pair row is two segments (prompt + chosen, prompt +
+    rejected): the same log-probs and gradients as the dense shared-prompt mask."""
+    from llamaforge.model import llama as llama_mod
+
+    model = _lora_model()
+    pairs = [dict(ex) for ex in _pairs(tok).train[:3]]
+    pairs[2] = {**pairs[2], "rejected_ids": pairs[2]["rejected_ids"][:2],
+                "rejected_labels": pairs[2]["rejected_labels"][:2]}  # fmt: skip
+    batch = collate_shared_pairs(pairs, pad_id=0)
+    seg = llama_mod.PairSegments.from_parts(batch["pair_parts"])
+    assert seg.cu_seqlens.numel() == 7 and int(seg.cu_seqlens[-1]) == seg.gather.numel()
+    params = [q for q in model.parameters() if q.requires_grad]
+    weights = torch.tensor([0.3, -1.2, 0.7, 2.0, 1.1, -0.4])
+    want_logps, _ = sequence_logps(model, batch)
+    want = torch.autograd.grad((want_logps * weights).sum(), params)
+    monkeypatch.setattr(llama_mod, "varlen_attention_flat", _segment_attention)
+    model.varlen_usable = lambda ids: True
+    got_logps, _ = sequence_logps(model, batch)
+    got = torch.autograd.grad((got_logps * weights).sum(), params)
+    torch.testing.assert_close(got_logps, want_logps, atol=1e-4, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs a GPU")
+def test_shared_prompt_rows_on_the_gpu_match_two_rows(tok):
+    """Flash varlen segments against two rows a pair, bf16 on the GPU."""
+    model = random_model("tiny-llama3", seed=3).to("cuda", torch.bfloat16)
+    pairs = _pairs(tok).train[:4]
+    one = {k: v.cuda() for k, v in collate_shared_pairs(pairs, pad_id=0).items()}
+    two = {k: v.cuda() for k, v in collate_pairs(pairs, pad_id=0).items()}
+    assert model.varlen_usable(one["pair_parts"])
+    with torch.no_grad():
+        got, n_got = sequence_logps(model, one)
+        want, n_want = sequence_logps(model, two)
+    assert n_got.tolist() == n_want.tolist()
+    torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.02)

@@ -31,7 +31,7 @@ from llamaforge.data.pipeline import build_dataset
 from llamaforge.data.tokenizer import load_tokenizer
 from llamaforge.io.hf import add_score_head, save_hf
 from llamaforge.losses import IGNORE_INDEX, dpo_loss_fn, reward_loss_fn, sequence_logps
-from llamaforge.train.batches import collate_pairs
+from llamaforge.train.batches import collate_pairs, collate_shared_pairs
 from tests.helpers import random_model
 
 trl = pytest.importorskip("trl")
@@ -224,6 +224,9 @@ def test_dpo_losses_equal_trl_dpo_trainer(
 
     ours = _ours_mean(dpo_loss_fn(loss_type, beta=beta, reference=ref_logps), policy, ours_batch)
     assert abs(ours - theirs) <= TOL, (ours, theirs)
+    shared = collate_shared_pairs(pairs, pad_id=hf_tok.pad_token_id)  # the default layout
+    ours = _ours_mean(dpo_loss_fn(loss_type, beta=beta, reference=ref_logps), policy, shared)
+    assert abs(ours - theirs) <= TOL, ("shared prompt", ours, theirs)
     if loss_type == "sigmoid":  # the reference differs from the policy: not the step-0 ln 2
         assert abs(theirs - math.log(2)) > 1e-3
 

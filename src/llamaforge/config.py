@@ -230,7 +230,10 @@ class DpoConfig:
 
     reference: `auto` is the base with adapters switched off for lora/qlora (no second copy
     in memory) and log-probs precomputed once for full/freeze; `precompute` always
-    precomputes (before training, with the starting weights).
+    precomputes (before training, with the starting weights). shared_prompt: each pair is
+    one row, its prompt once and both answers after it (the rejected one masked from the
+    chosen one), so the prompt's tokens go through the model once instead of twice; false:
+    chosen and rejected as two rows, each with its own copy of the prompt.
     """
 
     loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"
@@ -238,6 +241,7 @@ class DpoConfig:
     gamma: float = _f(0.5, NON_NEGATIVE)  # SimPO's target margin
     label_smoothing: float = _f(0.0, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))
     reference: Literal["auto", "adapters_off", "precompute"] = "auto"
+    shared_prompt: bool = True
 
 
 @dataclass

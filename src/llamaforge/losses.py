@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .kernels.fused_ce import auto_chunk_size, fused_ce_sum, linear_cross_entropy
+from .model.llama import PairSegments, shared_prompt_mask
 
 IGNORE_INDEX = -100
 
@@ -107,7 +108,8 @@ PairLossOut = tuple[Tensor, Tensor, dict[str, Tensor]]
 
 def count_pairs(batch: dict[str, Tensor]) -> int:
     """Number of preference pairs in a pair batch (the unit pair losses average over)."""
-    return batch["input_ids"].shape[0] // 2
+    rows = batch["input_ids"].shape[0]
+    return rows if "rejected_targets" in batch else rows // 2  # shared prompt: a row a pair
 
 
 def _chunk_token_nll(hidden: Tensor, target: Tensor, head: nn.Module) -> Tensor:
@@ -143,8 +145,12 @@ def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     """Summed log-probability of each row's labelled tokens, and their count: (N,), (N,).
 
     From hidden states and the head chunk by chunk (`token_nll`), so a 128k vocabulary
-    never materialises (rows, T, V) logits.
+    never materialises (rows, T, V) logits. A shared-prompt pair batch
+    (`train.batches.collate_shared_pairs`, B rows) gives the 2B values of its chosen then
+    rejected answers, as the 2B rows of `collate_pairs` would.
     """
+    if "rejected_targets" in batch:
+        return _shared_pair_logps(model, batch)
     hidden = model.hidden_states(batch["input_ids"], **model_inputs(batch))  # (N, T, C)
     labels = batch["labels"][:, 1:]  # (N, T-1)
     mask = labels != IGNORE_INDEX
@@ -152,6 +158,25 @@ def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     nll = token_nll(hidden[:, :-1][mask], model.lm_head, labels[mask], model_kernels(model))
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=nll.device)
     return -sums.index_add(0, rows[mask], nll), mask.sum(1)
+
+
+def _shared_pair_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Both answers of each shared-prompt row in one forward and one head pass: (2B,), (2B,)."""
+    parts = batch["pair_parts"]
+    use_varlen = getattr(model, "varlen_usable", None)
+    if use_varlen is not None and use_varlen(parts):  # flash varlen, two segments a row
+        mask: Any = PairSegments.from_parts(parts)
+    else:
+        mask = shared_prompt_mask(parts)  # (B, 1, T, T)
+    hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"], mask=mask)
+    targets = torch.stack([batch["chosen_targets"], batch["rejected_targets"]])  # (2, B, T)
+    keep = targets != IGNORE_INDEX
+    b = targets.shape[1]
+    rows = torch.arange(2 * b, device=targets.device).view(2, b, 1).expand_as(targets)
+    at = keep.nonzero(as_tuple=True)  # (side, row, position) of every labelled prediction
+    nll = token_nll(hidden[at[1], at[2]], model.lm_head, targets[keep], model_kernels(model))
+    sums = torch.zeros(2 * b, dtype=torch.float32, device=nll.device)
+    return -sums.index_add(0, rows[keep], nll), keep.sum(2).flatten()
 
 
 def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -45,6 +45,15 @@ def varlen_attention(
 
     cu_seqlens (N+1,) int32 are segment starts over the B*T flattened tokens.
     """
+    b, _, t, d = q.shape
+    flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]  # (B*T, ., D)
+    return varlen_attention_flat(*flat, cu_seqlens, max_len)
+
+
+def varlen_attention_flat(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int
+) -> torch.Tensor:
+    """Causal attention within segments of flat tokens: q (N, H, D), k/v (N, K, D) -> (N, H, D)."""
     found = _varlen()
     if found is None:
         raise RuntimeError("torch.nn.attention.varlen.varlen_attn is not available")
@@ -56,8 +65,7 @@ def varlen_attention(
     if torch.is_autocast_enabled(dev):
         low = torch.get_autocast_dtype(dev)
         q, k, v = (x.to(low) for x in (q, k, v))
-    b, h, t, d = q.shape
-    n_kv = k.shape[1]
+    h, n_kv = q.shape[1], k.shape[1]
     gqa: dict[str, Any] = {}
     if n_kv != h:
         if takes_gqa:
@@ -65,5 +73,4 @@ def varlen_attention(
         else:
             k = k.repeat_interleave(h // n_kv, dim=1)
             v = v.repeat_interleave(h // n_kv, dim=1)
-    flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]  # (B*T, ., D)
-    return fn(*flat, cu_seqlens, cu_seqlens, max_len, max_len, **causal, **gqa)
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal, **gqa)

@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..kernels import Kernels, use_kernel
-from ..kernels.attention import varlen_attention, varlen_available
+from ..kernels.attention import varlen_attention, varlen_attention_flat, varlen_available
 from ..kernels.rmsnorm import add_rms_norm, rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
@@ -143,6 +143,60 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tenso
     return out if out is not None else tuple(layer(x) for layer in layers)
 
 
+@dataclass(frozen=True)
+class PairSegments:
+    """Shared-prompt pair rows (prompt P, chosen C, rejected R; `train.batches.
+    collate_shared_pairs`) as flash varlen segments, instead of `shared_prompt_mask`.
+
+    Each row's tokens are gathered into two causal segments, P + C and P + R (the prompt's
+    queries, keys and values copied into the second), so attention costs what two rows of
+    their own cost and still runs flash kernels; the outputs of the copied prompt are
+    dropped, and every position takes its output from its own segment (`scatter`).
+    """
+
+    gather: torch.Tensor  # (G,) flat (B*T) token index of each gathered position
+    scatter: torch.Tensor  # (B*T,) the gathered position each token's output comes from
+    cu_seqlens: torch.Tensor  # (2B+1,) int32 segment starts over the G gathered positions
+    max_len: int
+
+    @classmethod
+    def from_parts(cls, parts: torch.Tensor, prompt: int = 0, chosen: int = 1) -> PairSegments:
+        """From (B, T) part ids (prompt, chosen, rejected, then padding)."""
+        b, t = parts.shape
+        host = parts.cpu()
+        n_p = (host == prompt).sum(1).tolist()
+        n_c = (host == chosen).sum(1).tolist()
+        n_all = (host >= 0).sum(1).tolist()
+        gather, scatter, cu = [], torch.zeros(b * t, dtype=torch.long), [0]
+        for row in range(b):
+            base, p, pc, end = row * t, n_p[row], n_p[row] + n_c[row], n_all[row]
+            first = torch.arange(base, base + pc)
+            second = torch.cat([torch.arange(base, base + p), torch.arange(base + pc, base + end)])
+            at = cu[-1]
+            scatter[base : base + pc] = torch.arange(at, at + pc)
+            at += pc  # the second segment: its prompt part dropped, the rejected part kept
+            scatter[base + pc : base + end] = torch.arange(at + p, at + p + end - pc)
+            if end < t:  # padding: any real output (never read by a loss)
+                scatter[base + end : base + t] = scatter[base + end - 1] if end else 0
+            gather += [first, second]
+            cu += [cu[-1] + pc, cu[-1] + pc + len(second)]
+        lens = [b - a for a, b in zip(cu, cu[1:], strict=False)]
+        dev = parts.device
+        return cls(
+            torch.cat(gather).to(dev),
+            scatter.to(dev),
+            torch.tensor(cu, dtype=torch.int32, device=dev),
+            max(lens),
+        )
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention=None):
+        """q (B, H, T, D), k/v (B, K, T, D) -> (B*T, H, D); `attention` stands in for flash
+        varlen attention over flat tokens (tests on the CPU)."""
+        fn = attention or varlen_attention_flat
+        flat = [x.transpose(1, 2).flatten(0, 1).index_select(0, self.gather) for x in (q, k, v)]
+        return fn(*flat, self.cu_seqlens, self.max_len).index_select(0, self.scatter)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA) through PyTorch SDPA."""
 
@@ -164,7 +218,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | Segments | None,
+        mask: torch.Tensor | Segments | PairSegments | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -181,6 +235,8 @@ class Attention(nn.Module):
         if isinstance(mask, Segments):  # packed rows, no cache: (B*T, H, D) per document
             out = varlen_attention(q, k, v, mask.cu_seqlens, mask.max_len)  # (B*T, H, D)
             return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        if isinstance(mask, PairSegments):  # shared-prompt pairs: two segments a row
+            return self.o_proj(mask.attend(q, k, v).reshape(b, t, self.n_heads * self.head_dim))
         if cache is not None and hasattr(cache, "attend"):  # a cache with per-row lengths
             return self.o_proj(cache.attend(self.layer, q, k, v))  # stores k/v, (B, T, H*D)
         if cache is not None:
@@ -346,7 +402,7 @@ class Llama(nn.Module):
         input_ids: torch.Tensor,
         *,
         positions: torch.Tensor | None = None,
-        mask: torch.Tensor | Segments | None = None,
+        mask: torch.Tensor | Segments | PairSegments | None = None,
         cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -354,7 +410,8 @@ class Llama(nn.Module):
 
         positions: (B, T) absolute positions (default: cache.length + arange(T)).
         mask: bool (B, 1, T, S), True where a query may attend a key; None means causal;
-        or `Segments` of packed rows built by the caller (no cache).
+        or `Segments` of packed rows built by the caller (no cache), or `PairSegments` of
+        shared-prompt pair rows.
         doc_ids: (B, T) packed-example ids (instead of a mask): attention stays inside each
         run of equal ids, through flash varlen attention on CUDA or a dense mask elsewhere.
         """
@@ -443,3 +500,13 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
     causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
     return (same & causal)[:, None]
+
+
+def shared_prompt_mask(parts: torch.Tensor, chosen: int = 1, rejected: int = 2) -> torch.Tensor:
+    """bool (B, 1, T, T) for rows of prompt + chosen + rejected (`parts` (B, T) of part ids):
+    causal, except that rejected positions never see chosen ones (each answer sees the
+    prompt and itself, as in a row of its own)."""
+    t = parts.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=parts.device).tril()
+    hidden = (parts == rejected).unsqueeze(2) & (parts == chosen).unsqueeze(1)  # (B, T, T)
+    return (causal & ~hidden).unsqueeze(1)

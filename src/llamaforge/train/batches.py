@@ -68,6 +68,65 @@ def collate_pairs(examples: Sequence[Example], pad_id: int) -> Batch:
     return batch
 
 
+# which part of a shared-prompt pair row a position holds (`collate_shared_pairs`)
+PROMPT_PART, CHOSEN_PART, REJECTED_PART, PAD_PART = 0, 1, 2, -1
+
+
+def collate_shared_pairs(examples: Sequence[Example], pad_id: int) -> Batch:
+    """A batch of B right-padded rows for preference pairs, one row a pair: the prompt once,
+    then the chosen answer, then the rejected one (P + C + R tokens instead of 2P + C + R).
+
+    `positions` restart at P for the rejected answer, and `pair_parts` (B, T) says which
+    part each position holds: the model's attention mask (`model.llama.shared_prompt_mask`)
+    lets the rejected answer see the prompt and itself, never the chosen answer, so each
+    answer's log-probs equal those of prompt + answer as a row of its own (`collate_pairs`).
+    `chosen_targets` / `rejected_targets` (B, T) hold, at each position, the label of the
+    token the hidden state there predicts for that side (-100 elsewhere): the prompt's last
+    position predicts the first token of both answers. Float fields come along as
+    `collate_pairs` brings them.
+    """
+    if not examples:
+        raise ValueError("collate_shared_pairs: no examples")
+    rows = []
+    for ex in examples:
+        p, c, r = ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]
+        n_p, n_c = len(p), len(c)
+        parts = [PROMPT_PART] * n_p + [CHOSEN_PART] * n_c + [REJECTED_PART] * len(r)
+        positions = list(range(n_p + n_c)) + list(range(n_p, n_p + len(r)))
+        targets = {}
+        for side, start in (("chosen", n_p), ("rejected", n_p + n_c)):
+            t = [-100] * len(parts)
+            for i, label in enumerate(ex[f"{side}_labels"]):
+                # the predictor of answer token i: the position before it, or for the first
+                # token the prompt's last position (none without a prompt: not predicted)
+                at = (n_p - 1) if i == 0 else start + i - 1
+                if at >= 0:
+                    t[at] = label
+            targets[side] = t
+        rows.append(
+            {
+                "input_ids": p + c + r,
+                "positions": positions,
+                "pair_parts": parts,
+                "chosen_targets": targets["chosen"],
+                "rejected_targets": targets["rejected"],
+            }
+        )
+    width = max(len(row["input_ids"]) for row in rows)
+    pads = {"input_ids": pad_id, "positions": 0, "pair_parts": PAD_PART}
+    out = {}
+    for key in rows[0]:
+        t = torch.full((len(rows), width), pads.get(key, -100), dtype=torch.long)  # (B, T)
+        for i, row in enumerate(rows):
+            t[i, : len(row[key])] = torch.as_tensor(row[key], dtype=torch.long)
+        out[key] = t
+    out["seq_lens"] = torch.tensor([len(row["input_ids"]) for row in rows])  # (B,)
+    for key, value in examples[0].items():
+        if isinstance(value, float):
+            out[key] = torch.tensor([float(e[key]) for e in examples])
+    return out
+
+
 class BatchSource:
     """Micro-batches over `examples`, epoch after epoch, in an order fixed by (seed, epoch).
 

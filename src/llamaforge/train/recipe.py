@@ -252,7 +252,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         splits.train, splits.validation = distributed.share_from_rank0(
             [splits.train, splits.validation]
         )
-    collate_fn = lambda exs: stage.collate(exs, pad)  # noqa: E731
+    stage_collate = stage.batches(cfg)
+    collate_fn = lambda exs: stage_collate(exs, pad)  # noqa: E731
     source = BatchSource(
         splits.train, cfg.optim.batch_size, pad_id=pad, seed=cfg.seed, collate_fn=collate_fn
     )

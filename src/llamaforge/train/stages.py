@@ -33,7 +33,7 @@ from ..losses import (
     reward_loss_fn,
     sequence_logps,
 )
-from .batches import Batch, collate, collate_pairs
+from .batches import Batch, collate, collate_pairs, collate_shared_pairs
 from .loop import LossFn, autocast_context, resolve_precision
 
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -52,6 +52,12 @@ class Stage:
     prepare: Callable[[nn.Module, RunConfig], None] | None = None  # before the method
     before_train: Callable[[nn.Module, RunConfig, Any, int], None] | None = None
     rows: int = 1  # sequences per example in a batch (pairs: chosen and rejected)
+    # the run's own collation where a config key chooses it (default: `collate`)
+    collate_for: Callable[[RunConfig], Callable[[Sequence[dict], int], Batch]] | None = None
+
+    def batches(self, cfg: RunConfig) -> Callable[[Sequence[dict], int], Batch]:
+        """How this run's examples become batches."""
+        return self.collate if self.collate_for is None else self.collate_for(cfg)
 
 
 def _lm_loss(_cfg: RunConfig) -> LossFn:
@@ -181,6 +187,10 @@ def _save_reference(path: Path, splits: Any) -> None:
     write_file_atomic(path, lambda f: np.savez(f, **arrays))
 
 
+def _dpo_collate(cfg: RunConfig) -> Callable[[Sequence[dict], int], Batch]:
+    return collate_shared_pairs if cfg.dpo.shared_prompt else collate_pairs
+
+
 def _dpo_before_train(model: nn.Module, cfg: RunConfig, splits: Any, pad_id: int) -> None:
     """Reference log-probs in the precision training runs in, with the starting weights.
 
@@ -213,5 +223,6 @@ STAGES: dict[str, Stage] = {
         lm=False,
         before_train=_dpo_before_train,
         rows=2,
+        collate_for=_dpo_collate,
     ),
 }
