@@ -106,6 +106,36 @@ def test_static_step_equals_the_loop(warm):
         torch.testing.assert_close(wb[n], wa[n], rtol=1e-4, atol=1e-5)  # Adam: ~1/sqrt(v)
 
 
+def test_label_room_grows_for_a_batch_with_more_labels_and_trains_the_same():
+    """The head runs on the labelled positions gathered into a buffer sized by the first
+    batch; a later batch with more labels grows it (a new capture on a GPU)."""
+    base = trainee()
+    few, *rest = packed_batches(3, base.cfg.vocab_size, seed=4)
+    few = {k: v.clone() for k, v in few.items()}
+    few["labels"][:, 8:] = -100  # fewer labels than the rest
+    for b in rest:  # every token of these a label
+        b["labels"] = torch.where(b["doc_ids"] >= 0, b["input_ids"], -100)
+    n_few = int((few["labels"][:, 1:] != -100).sum())
+    n_most = max(int((b["labels"][:, 1:] != -100).sum()) for b in rest)
+    assert n_few <= 24 and n_most > 64
+    batches = [few, *rest]
+    cfg = OptimConfig(lr=5e-3)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    want = loop_run(a, batches, cfg)
+    params = [p for p in b.parameters() if p.requires_grad]
+    opt = build_optimizer(b, cfg)
+    sched = build_scheduler(opt, cfg, 10)
+    step = PackedGraphStep(b, opt, params, rows=ROWS, seq_len=SEQ, max_grad_norm=1.0)
+    got, room = [], []
+    for batch in batches:
+        loss, _ = step(batch)
+        sched.step()
+        got.append(float(loss))
+        room.append(step.labels_capacity)
+    assert room[0] < room[-1] <= ROWS * SEQ and room[-1] >= n_most
+    torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-6)
+
+
 def test_batches_that_do_not_fit_and_a_trained_head_are_refused():
     model = trainee()
     opt = build_optimizer(model, OptimConfig())

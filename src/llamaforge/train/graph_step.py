@@ -9,9 +9,10 @@ the per-kernel host work away. What capture needs, and this step arranges:
 - one shape: every batch is padded to `rows x seq_len` (pad tokens get doc id -1 and no
   label); a batch of other rows runs eagerly through the loop's own pieces instead;
 - no host syncs inside: the packed segments (`cu_seqlens`, padded to a fixed capacity
-  with empty segments) and the loss weights (label mask / label count) are computed on the
-  host from the CPU batch and copied into static buffers; the loss is the per-token NLL of
-  every position times its weight, so no boolean indexing changes a shape;
+  with empty segments), the labelled positions and their loss weights (1 / label count)
+  are computed on the host from the CPU batch and copied into static buffers; the head
+  and the loss run on the labelled positions gathered into a buffer of fixed capacity
+  (spare slots weigh 0), so no boolean indexing changes a shape;
 - the head frozen (LoRA / QLoRA), so the fused cross entropy computes per-token gradients
   in its forward;
 - AdamW with `capturable=True` and its learning rate a device tensor (the scheduler fills
@@ -83,8 +84,16 @@ class PackedGraphStep:
             raise ValueError("PackedGraphStep(capture=True) needs the model on CUDA")
         self.warmup = warmup
         dev, shape = self.device, (rows, seq_len)
-        self.buf = {k: torch.full(shape, v, dtype=torch.long, device=dev) for k, v in _PAD.items()}
-        self.weight = torch.zeros(rows * (seq_len - 1), dtype=torch.float32, device=dev)
+        self.buf = {  # the model's inputs; labels stay on the host (gathered targets below)
+            k: torch.full(shape, v, dtype=torch.long, device=dev)
+            for k, v in _PAD.items()
+            if k != "labels"
+        }
+        # the labelled positions, gathered so the head and its loss skip the others (~60%
+        # of a chat row's positions are prompt or padding): static buffers of a capacity
+        # that grows, and captures again, when a batch has more labels than room
+        self.labels_capacity = 0
+        self.label_at = self.target = self.weight = torch.zeros(0, device=dev)
         # empty segments pad cu_seqlens to a fixed length; a batch with more segments than
         # this capacity grows it (and captures again)
         self.capacity = segments or 8 * rows
@@ -119,9 +128,21 @@ class PackedGraphStep:
             full = torch.full((self.rows, self.seq_len), pad, dtype=torch.long)
             full[:r, :t] = batch[key].cpu()
             host[key] = full
-        target = host["labels"][:, 1:].flatten()
-        keep = target != IGNORE_INDEX
-        weight = keep.float() / max(int(keep.sum()), 1)
+        # position p of a row predicts label p + 1: flat hidden index row * T + p
+        nxt = torch.full((self.rows, self.seq_len), IGNORE_INDEX, dtype=torch.long)
+        nxt[:, :-1] = host["labels"][:, 1:]
+        label_at = (nxt.flatten() != IGNORE_INDEX).nonzero().flatten()
+        n = label_at.numel()
+        if (
+            n > self.labels_capacity or not self.labels_capacity
+        ):  # more labels than room: larger buffers, a new graph
+            self._grow_labels(n)
+        at = torch.zeros(self.labels_capacity, dtype=torch.long)  # spare slots: weight 0
+        at[:n] = label_at
+        target = torch.zeros(self.labels_capacity, dtype=torch.long)
+        target[:n] = nxt.flatten()[label_at]
+        weight = torch.zeros(self.labels_capacity)
+        weight[:n] = 1.0 / max(n, 1)
         starts = Segments.starts(host["doc_ids"])
         if starts.numel() > self.capacity:  # more documents than room: a larger graph
             self.capacity = 1 << math.ceil(math.log2(starts.numel()))
@@ -129,10 +150,22 @@ class PackedGraphStep:
             self.graph = None
         cu = torch.full((self.capacity + 1,), self.rows * self.seq_len, dtype=torch.int32)
         cu[: starts.numel()] = starts.to(torch.int32)
-        for key, value in host.items():
-            self.buf[key].copy_(value)
+        for key, buf in self.buf.items():
+            buf.copy_(host[key])
+        self.label_at.copy_(at)
+        self.target.copy_(target)
         self.weight.copy_(weight)
         self.cu.copy_(cu)
+
+    def _grow_labels(self, n: int) -> None:
+        """Room for n labelled positions and a tenth more, in steps of 64 (at most all)."""
+        cap = min(self.rows * self.seq_len, max(64, -(-int(n * 1.1) // 64) * 64))
+        dev = self.device
+        self.labels_capacity = cap
+        self.label_at = torch.zeros(cap, dtype=torch.long, device=dev)
+        self.target = torch.zeros(cap, dtype=torch.long, device=dev)
+        self.weight = torch.zeros(cap, dtype=torch.float32, device=dev)
+        self.graph = None
 
     # ------------------------------------------------------------------ device side
 
@@ -151,9 +184,9 @@ class PackedGraphStep:
             else:
                 mask = document_causal_mask(buf["doc_ids"])
             hidden = model.hidden_states(buf["input_ids"], positions=buf["positions"], mask=mask)
-            h = hidden[:, :-1].flatten(0, 1)  # (R*(T-1), C)
-            target = buf["labels"][:, 1:].flatten().clamp_min(0)  # ignored -> any id, weight 0
-            nll = linear_cross_entropy(h, model.lm_head.weight, target, None, self.fused_ce, True)
+            h = hidden.flatten(0, 1).index_select(0, self.label_at)  # (capacity, C)
+            w = model.lm_head.weight
+            nll = linear_cross_entropy(h, w, self.target, None, self.fused_ce, True)
             loss = (nll * self.weight).sum()
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
