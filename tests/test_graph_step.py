@@ -225,3 +225,31 @@ def test_what_a_captured_step_cannot_do_is_a_config_error(tmp_path, extra, key):
     raw.update(extra)
     with pytest.raises(ConfigError, match=f"cuda_graph.*{key}"):
         config_from_dict(raw)
+
+
+def test_auto_captures_on_a_gpu_only_what_has_been_measured(tmp_path):
+    """`cuda_graph: auto` (the default): never on the CPU; on a GPU for a LoRA run without
+    dropout or checkpointing; off for LoRA dropout, checkpointing, accumulation or another
+    loss (device faked: only the decision is under test)."""
+    from llamaforge.config import TrainConfig
+    from llamaforge.train.loop import _Loop
+
+    def decide(model, loss_fn=chunked_causal_lm_loss_fn, gpu=True, **cfg):
+        loop = _Loop(model, iter([]), loss_fn, TrainConfig(max_steps=1, **cfg), tmp_path,
+                     eval_fn=None, objects=None, count_fn=len, main=True)  # fmt: skip
+        if gpu:
+            loop.device = torch.device("cuda")
+        return loop._graph_auto
+
+    model = trainee()
+    assert TrainConfig().cuda_graph == "auto"
+    assert not decide(model, gpu=False)
+    assert decide(model)
+    assert not decide(model, optim=OptimConfig(grad_accum=2))
+    assert not decide(model, loss_fn=lambda m, b: chunked_causal_lm_loss_fn(m, b))
+    model.gradient_checkpointing = True
+    assert not decide(model)
+    model.gradient_checkpointing = False
+    dropped = random_model("tiny-llama3")
+    apply_lora(dropped, r=4, alpha=8, dropout=0.1)
+    assert not decide(dropped.train())

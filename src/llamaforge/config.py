@@ -328,8 +328,9 @@ class TrainConfig:
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     # With checkpointing, a batch of more tokens runs each feed-forward over slices this size
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
-    # packed LoRA/QLoRA pt/sft: each step one replayed CUDA graph (train/graph_step.py)
-    cuda_graph: bool = False
+    # packed LoRA/QLoRA pt/sft: each step one replayed CUDA graph (train/graph_step.py);
+    # auto: where the run qualifies (see RunConfig.cuda_graph)
+    cuda_graph: bool | Literal["auto"] = "auto"
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -356,8 +357,10 @@ class RunConfig:
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
     # Packed LoRA/QLoRA pt or sft in one process: capture each step (forward, backward,
     # clipping, AdamW) once as a CUDA graph and replay it: no per-kernel host work, which
-    # bounds small models (train/graph_step.py; eager on the CPU)
-    cuda_graph: bool = False
+    # bounds small models (train/graph_step.py; eager on the CPU). auto: on a GPU where
+    # the run qualifies (and, until measured otherwise, without LoRA dropout or
+    # activation checkpointing); true: required (a conflicting key is an error); false: off
+    cuda_graph: bool | Literal["auto"] = "auto"
     # GB the run may use (auto: the GPU's free memory; null: no plan); the recipe measures
     # the run and chooses which blocks are checkpointed or offloaded (train/memory_plan.py).
     # Under auto, activation_checkpointing/_offload set by hand win over the plan.
@@ -633,7 +636,7 @@ def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
             "key 'activation_offload' needs 'activation_checkpointing: true' (it offloads "
             "the checkpointed layer inputs)",
         )
-    if cfg.cuda_graph:
+    if cfg.cuda_graph is True:
         _cuda_graph_checks(cfg, origins)
     if cfg.activation_checkpointing_layers is not None and not cfg.activation_checkpointing:
         raise origins.error(

@@ -9,6 +9,7 @@ checkpoint; stop on max_steps, early stopping, or SIGINT/SIGTERM (after saving).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import signal
@@ -431,7 +432,9 @@ class _Loop:
                 f"(precision resolved to {self.precision}, {world_size()} processes)"
             )
         self.graph: PackedGraphStep | None = None  # built at the first step (after a resume)
-        if cfg.cuda_graph and (loss_fn is not chunked_causal_lm_loss_fn or world_size() > 1):
+        if cfg.cuda_graph is True and (
+            loss_fn is not chunked_causal_lm_loss_fn or world_size() > 1
+        ):
             raise UserError(
                 "cuda_graph: true runs the causal-LM loss (stages pt and sft) in one process"
             )
@@ -559,7 +562,8 @@ class _Loop:
 
     def _graph_for(self, batch: Batch) -> PackedGraphStep | None:
         """The captured step if `cuda_graph` is on and the batch fits its shape."""
-        if not self.cfg.cuda_graph or "doc_ids" not in batch:
+        mode = self.cfg.cuda_graph
+        if mode is False or "doc_ids" not in batch or (mode == "auto" and not self._graph_auto):
             return None
         if self.graph is None:
             rows, width = batch["input_ids"].shape
@@ -576,6 +580,30 @@ class _Loop:
                 autocast_dtype=autocast_dtype(self.precision),
             )
         return self.graph if self.graph.fits(batch) else None
+
+    @functools.cached_property
+    def _graph_auto(self) -> bool:
+        """Whether `cuda_graph: auto` captures this run's steps: on a GPU, one process, the
+        causal-LM loss, one micro-batch a step, torch AdamW after the backward without a grad
+        scaler, a frozen head (LoRA/QLoRA), and what has been measured captured: no
+        activation checkpointing (the memory plan may have turned it on), no LoRA dropout."""
+        model, cfg = self.model, self.cfg
+        head = getattr(model, "lm_head", None)
+        dropout = [m.p for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        return (
+            self.device.type == "cuda"
+            and world_size() == 1
+            and self.loss_fn is chunked_causal_lm_loss_fn
+            and cfg.optim.grad_accum == 1
+            and not cfg.activation_offload
+            and not self.in_backward
+            and self.scaler is None
+            and type(self.optimizer) is torch.optim.AdamW
+            and isinstance(head, nn.Linear)
+            and not head.weight.requires_grad
+            and not getattr(model, "gradient_checkpointing", False)
+            and not dropout
+        )
 
     def _graph_step(self, graph: PackedGraphStep, batch: Batch) -> bool:
         """One step through the captured graph; a non-finite norm stops the run
