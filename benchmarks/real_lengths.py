@@ -224,11 +224,12 @@ def train_mode(
     params = [p for p in model.parameters() if p.requires_grad]
     graphed = None
     if graph:  # packed rows of one shape through the captured step (train/graph_step.py)
-        from llamaforge.train.graph_step import PackedGraphStep
+        from llamaforge.train.graph_step import PackedGraphStep, most_labels
 
         graphed = PackedGraphStep(
             model, opt, params, rows=source.batch_size, seq_len=args.seq,
             max_grad_norm=optim.max_grad_norm, autocast_dtype=autocast_dtype(precision),
+            labels=most_labels(source.examples, source.batch_size),
         )  # fmt: skip
     fresh_peak(dev)
     steps = []

@@ -253,3 +253,33 @@ def test_auto_captures_on_a_gpu_only_what_has_been_measured(tmp_path):
     dropped = random_model("tiny-llama3")
     apply_lora(dropped, r=4, alpha=8, dropout=0.1)
     assert not decide(dropped.train())
+
+
+def test_auto_falls_back_to_eager_steps_when_a_capture_fails(
+    tmp_path, base_dir, capsys, monkeypatch
+):
+    """`cuda_graph: auto` whose capture fails (forced here) logs it and trains eagerly,
+    with the losses of a run that never tried; `true` raises instead."""
+    from llamaforge.train import loop as loop_mod
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(_raw(tmp_path, base_dir, "plain", cuda_graph=False)))
+    assert main(["train", str(plain)]) == 0
+
+    def fail(self, batch):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(loop_mod._Loop, "_graph_auto", True)
+    monkeypatch.setattr(PackedGraphStep, "__call__", fail)
+    auto = tmp_path / "auto.yaml"
+    auto.write_text(yaml.safe_dump(_raw(tmp_path, base_dir, "auto")))
+    with pytest.warns(UserWarning, match="could not capture"):
+        assert main(["train", str(auto)]) == 0
+    capsys.readouterr()
+    assert _losses(tmp_path / "auto") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-6)
+    events = (tmp_path / "auto" / "metrics.jsonl").read_text()
+    assert '"cuda_graph_off"' in events
+    forced = tmp_path / "forced.yaml"
+    forced.write_text(yaml.safe_dump(_raw(tmp_path, base_dir, "forced", cuda_graph=True)))
+    with pytest.raises(RuntimeError, match="capturing"):
+        main(["train", str(forced)])

@@ -49,6 +49,14 @@ class NonFiniteStep(NonFiniteLossError):
     """A captured step met a non-finite gradient norm (its update was already applied)."""
 
 
+def most_labels(rows: list[dict[str, Any]], per_batch: int) -> int:
+    """The most labelled (predicted) positions any batch of `per_batch` of these packed rows
+    can hold: the sum over the rows with the most; the room `PackedGraphStep(labels=...)`
+    needs so that it never captures again."""
+    counts = [sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX) for r in rows]
+    return sum(sorted(counts, reverse=True)[:per_batch])
+
+
 class PackedGraphStep:
     """forward + backward + clip + AdamW over packed (rows, seq_len) batches, one graph.
 
@@ -71,6 +79,7 @@ class PackedGraphStep:
         capture: bool | None = None,
         warmup: int = 3,
         segments: int | None = None,
+        labels: int | None = None,
     ) -> None:
         head = getattr(model, "lm_head", None)
         if not isinstance(head, nn.Linear) or head.weight.requires_grad:
@@ -94,6 +103,8 @@ class PackedGraphStep:
         # that grows, and captures again, when a batch has more labels than room
         self.labels_capacity = 0
         self.label_at = self.target = self.weight = torch.zeros(0, device=dev)
+        if labels is not None:  # the most labels a batch can hold (`most_labels`)
+            self._grow_labels(labels, spare=1.0)
         # empty segments pad cu_seqlens to a fixed length; a batch with more segments than
         # this capacity grows it (and captures again)
         self.capacity = segments or 8 * rows
@@ -133,10 +144,9 @@ class PackedGraphStep:
         nxt[:, :-1] = host["labels"][:, 1:]
         label_at = (nxt.flatten() != IGNORE_INDEX).nonzero().flatten()
         n = label_at.numel()
-        if (
-            n > self.labels_capacity or not self.labels_capacity
-        ):  # more labels than room: larger buffers, a new graph
-            self._grow_labels(n)
+        if n > self.labels_capacity or not self.labels_capacity:  # larger buffers, a new graph
+            # the first batch sets the room (a quarter spare); a batch past it, all positions
+            self._grow_labels(n if not self.labels_capacity else self.rows * self.seq_len)
         at = torch.zeros(self.labels_capacity, dtype=torch.long)  # spare slots: weight 0
         at[:n] = label_at
         target = torch.zeros(self.labels_capacity, dtype=torch.long)
@@ -157,9 +167,10 @@ class PackedGraphStep:
         self.weight.copy_(weight)
         self.cu.copy_(cu)
 
-    def _grow_labels(self, n: int) -> None:
-        """Room for n labelled positions and a tenth more, in steps of 64 (at most all)."""
-        cap = min(self.rows * self.seq_len, max(64, -(-int(n * 1.1) // 64) * 64))
+    def _grow_labels(self, n: int, spare: float = 1.25) -> None:
+        """Room for n labelled positions times `spare`, in steps of 64 (at most all); a new
+        capture follows, so the room grows at most twice."""
+        cap = min(self.rows * self.seq_len, max(64, -(-int(n * spare) // 64) * 64))
         dev = self.device
         self.labels_capacity = cap
         self.label_at = torch.zeros(cap, dtype=torch.long, device=dev)

@@ -42,7 +42,7 @@ from .checkpoint import (
     trainable_state,
 )
 from .distributed import all_reduce_sum, any_rank, is_distributed, world_size
-from .graph_step import PackedGraphStep
+from .graph_step import PackedGraphStep, most_labels
 from .metrics import MetricsLogger, is_main_process, plot_losses, read_metrics, truncate_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -432,6 +432,7 @@ class _Loop:
                 f"(precision resolved to {self.precision}, {world_size()} processes)"
             )
         self.graph: PackedGraphStep | None = None  # built at the first step (after a resume)
+        self.graph_failed = False  # cuda_graph auto whose capture failed: eager from then on
         if cfg.cuda_graph is True and (
             loss_fn is not chunked_causal_lm_loss_fn or world_size() > 1
         ):
@@ -563,21 +564,27 @@ class _Loop:
     def _graph_for(self, batch: Batch) -> PackedGraphStep | None:
         """The captured step if `cuda_graph` is on and the batch fits its shape."""
         mode = self.cfg.cuda_graph
-        if mode is False or "doc_ids" not in batch or (mode == "auto" and not self._graph_auto):
+        if mode is False or "doc_ids" not in batch or self.graph_failed:
+            return None
+        if mode == "auto" and not self._graph_auto:
             return None
         if self.graph is None:
             rows, width = batch["input_ids"].shape
+            rows = getattr(self.source, "batch_size", rows)
             examples = getattr(self.source, "examples", None)
-            if examples:  # the static shape holds every row the source can give
+            labels = None
+            if examples:  # the static shape holds every row and label count the source gives
                 width = max(len(ex["input_ids"]) for ex in examples)
+                labels = most_labels(examples, rows)
             self.graph = PackedGraphStep(
                 self.model,
                 self.optimizer,
                 self.params,
-                rows=getattr(self.source, "batch_size", rows),
+                rows=rows,
                 seq_len=width,
                 max_grad_norm=self.cfg.optim.max_grad_norm,
                 autocast_dtype=autocast_dtype(self.precision),
+                labels=labels,
             )
         return self.graph if self.graph.fits(batch) else None
 
@@ -625,7 +632,18 @@ class _Loop:
             raise RuntimeError("the batch source ran out before max_steps")
         graph = self._graph_for(window[0]) if len(window) == 1 else None
         if graph is not None:
-            return self._graph_step(graph, window[0])
+            try:
+                return self._graph_step(graph, window[0])
+            except RuntimeError as e:  # CUDA errors included
+                if graph.graph is not None or self.cfg.cuda_graph is True:
+                    raise  # a replay's failure, or a capture the config requires
+                # auto: a capture this run cannot make (nothing ran: capture only records)
+                # leaves the step to the eager path from now on
+                msg = f"cuda_graph: auto could not capture the step ({e}); eager steps"
+                warnings.warn(msg, stacklevel=2)
+                self.log({"kind": "event", "event": "cuda_graph_off", "reason": str(e)[:300]})
+                self.graph, self.graph_failed = None, True
+                self.optimizer.zero_grad(set_to_none=True)
         stats = accumulate_gradients(
             self.model,
             window,

@@ -150,18 +150,27 @@ def _saved_bytes(
     shared |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     was = block.training
     block.train()
+    # On a GPU the probe runs on a stream of its own: autograd remembers the stream a leaf
+    # was first used on, and a captured training step (train/graph_step.py) cannot wait on
+    # the legacy default stream
+    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(dev))
     try:
         cuda = [dev] if dev.type == "cuda" else []
         with (
+            torch.cuda.stream(side) if side is not None else contextlib.nullcontext(),
             torch.random.fork_rng(devices=cuda),  # dropout in the probe leaves the run's RNG
             torch.enable_grad(),
             autocast(),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
             out = block(x, cos, sin, None, None)
-        del out
+            del out
     finally:
         block.train(was)
+        if side is not None:
+            torch.cuda.current_stream(dev).wait_stream(side)
     return sum(saved.values())
 
 
