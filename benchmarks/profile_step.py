@@ -32,8 +32,8 @@ import real_lengths as rl  # noqa: E402
 
 # kinds of kernel, first match wins (names as CUPTI reports them)
 KINDS = (
+    ("attention", r"flash"),  # before matmul: flash kernels' names carry cutlass types
     ("matmul", r"nvjet|gemm|sm90_xmma|cutlass|splitK|gemv"),
-    ("attention", r"flash"),
     ("triton: norm/rope/swiglu/ce", r"rms_norm|rope|swiglu|_ce_|cross|triton"),
     ("reduce", r"reduce_kernel"),
     ("optimizer", r"multi_tensor|adam|foreach"),
