@@ -438,7 +438,10 @@ def test_shared_prompt_varlen_segments_equal_the_dense_mask(tok, monkeypatch):
                 "rejected_labels": pairs[2]["rejected_labels"][:2]}  # fmt: skip
     batch = collate_shared_pairs(pairs, pad_id=0)
     seg = llama_mod.PairSegments.from_parts(batch["pair_parts"])
-    assert seg.cu_seqlens.numel() == 7 and int(seg.cu_seqlens[-1]) == seg.gather.numel()
+    lens = [
+        len(ex["prompt_ids"]) * 2 + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in pairs
+    ]
+    assert seg.cu_seqlens.numel() == 7 and int(seg.cu_seqlens[-1]) == sum(lens)
     params = [q for q in model.parameters() if q.requires_grad]
     weights = torch.tensor([0.3, -1.2, 0.7, 2.0, 1.1, -0.4])
     want_logps, _ = sequence_logps(model, batch)

@@ -148,53 +148,56 @@ class PairSegments:
     """Shared-prompt pair rows (prompt P, chosen C, rejected R; `train.batches.
     collate_shared_pairs`) as flash varlen segments, instead of `shared_prompt_mask`.
 
-    Each row's tokens are gathered into two causal segments, P + C and P + R (the prompt's
+    Each row's tokens are laid out as two causal segments, P + C and P + R (the prompt's
     queries, keys and values copied into the second), so attention costs what two rows of
     their own cost and still runs flash kernels; the outputs of the copied prompt are
-    dropped, and every position takes its output from its own segment (`scatter`).
+    dropped, and every position takes its output from its own segment. Slices and
+    concatenations only: the backward sums the two prompt copies' gradients without
+    atomics, so it is deterministic.
     """
 
-    gather: torch.Tensor  # (G,) flat (B*T) token index of each gathered position
-    scatter: torch.Tensor  # (B*T,) the gathered position each token's output comes from
-    cu_seqlens: torch.Tensor  # (2B+1,) int32 segment starts over the G gathered positions
+    bounds: tuple[tuple[int, int, int], ...]  # per row: (P, P + C, P + C + R)
+    width: int  # T, the padded row length
+    cu_seqlens: torch.Tensor  # (2B+1,) int32 segment starts over the laid-out tokens
     max_len: int
 
     @classmethod
     def from_parts(cls, parts: torch.Tensor, prompt: int = 0, chosen: int = 1) -> PairSegments:
         """From (B, T) part ids (prompt, chosen, rejected, then padding)."""
-        b, t = parts.shape
         host = parts.cpu()
         n_p = (host == prompt).sum(1).tolist()
         n_c = (host == chosen).sum(1).tolist()
         n_all = (host >= 0).sum(1).tolist()
-        gather, scatter, cu = [], torch.zeros(b * t, dtype=torch.long), [0]
-        for row in range(b):
-            base, p, pc, end = row * t, n_p[row], n_p[row] + n_c[row], n_all[row]
-            first = torch.arange(base, base + pc)
-            second = torch.cat([torch.arange(base, base + p), torch.arange(base + pc, base + end)])
-            at = cu[-1]
-            scatter[base : base + pc] = torch.arange(at, at + pc)
-            at += pc  # the second segment: its prompt part dropped, the rejected part kept
-            scatter[base + pc : base + end] = torch.arange(at + p, at + p + end - pc)
-            if end < t:  # padding: any real output (never read by a loss)
-                scatter[base + end : base + t] = scatter[base + end - 1] if end else 0
-            gather += [first, second]
-            cu += [cu[-1] + pc, cu[-1] + pc + len(second)]
-        lens = [b - a for a, b in zip(cu, cu[1:], strict=False)]
-        dev = parts.device
-        return cls(
-            torch.cat(gather).to(dev),
-            scatter.to(dev),
-            torch.tensor(cu, dtype=torch.int32, device=dev),
-            max(lens),
-        )
+        bounds = tuple((p, p + c, end) for p, c, end in zip(n_p, n_c, n_all, strict=True))
+        cu, lens = [0], []
+        for p, pc, end in bounds:
+            lens += [pc, p + end - pc]
+            cu += [cu[-1] + pc, cu[-1] + p + end]
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=parts.device)
+        return cls(bounds, host.shape[1], cu_t, max(lens))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention=None):
         """q (B, H, T, D), k/v (B, K, T, D) -> (B*T, H, D); `attention` stands in for flash
         varlen attention over flat tokens (tests on the CPU)."""
         fn = attention or varlen_attention_flat
-        flat = [x.transpose(1, 2).flatten(0, 1).index_select(0, self.gather) for x in (q, k, v)]
-        return fn(*flat, self.cu_seqlens, self.max_len).index_select(0, self.scatter)
+
+        def lay_out(x: torch.Tensor) -> torch.Tensor:  # (B, ., T, D) -> (G, ., D)
+            rows = x.transpose(1, 2)  # (B, T, ., D)
+            pieces = []
+            for r, (p, pc, end) in enumerate(self.bounds):
+                pieces += [rows[r, :pc], rows[r, :p], rows[r, pc:end]]
+            return torch.cat(pieces)
+
+        out = fn(lay_out(q), lay_out(k), lay_out(v), self.cu_seqlens, self.max_len)  # (G, H, D)
+        pieces, at = [], 0
+        for p, pc, end in self.bounds:
+            pieces.append(out[at : at + pc])  # prompt and chosen, from the first segment
+            at += pc + p  # the second segment's prompt copy is dropped
+            pieces.append(out[at : at + end - pc])  # rejected
+            at += end - pc
+            if end < self.width:  # padding: zeros (no loss reads it)
+                pieces.append(out.new_zeros(self.width - end, *out.shape[1:]))
+        return torch.cat(pieces)
 
 
 class Attention(nn.Module):
