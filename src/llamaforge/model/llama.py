@@ -153,7 +153,7 @@ class PairSegments:
     their own cost and still runs flash kernels; the outputs of the copied prompt are
     dropped, and every position takes its output from its own segment. Slices and
     concatenations only: the backward sums the two prompt copies' gradients without
-    atomics, so it is deterministic.
+    atomics, so the layout adds no nondeterminism of its own.
     """
 
     bounds: tuple[tuple[int, int, int], ...]  # per row: (P, P + C, P + C + R)
