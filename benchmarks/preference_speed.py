@@ -47,6 +47,7 @@ STACKS = {
     "trl-dpo": ("dpo", "TRL DPOTrainer + peft"),
     "trl-dpo-liger": ("dpo", "TRL DPOTrainer + peft + Liger kernels"),
     "llamaforge-rm": ("rm", "llamaforge"),
+    "llamaforge-rm-two-rows": ("rm", "llamaforge, rm.shared_prompt false"),
     "trl-rm": ("rm", "TRL RewardTrainer + peft"),
 }
 BETA, LR = 0.1, 2e-4
@@ -78,8 +79,8 @@ def sequences(spec: tt.Spec, prompt: int, gen: torch.Generator, vocab: int) -> l
 def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
     """The stage's own loss, collation and optimizer on llamaforge's model, step by step.
 
-    DPO runs its default shared-prompt rows (one row a pair, the prompt once) unless the
-    stack is `llamaforge-dpo-two-rows` (chosen and rejected as two rows, as TRL's)."""
+    DPO and RM run their default shared-prompt rows (one row a pair, the prompt once) unless
+    the stack ends in `-two-rows` (chosen and rejected as two rows, as TRL's)."""
     from llamaforge.adapters.inject import parameter_counts
     from llamaforge.config import DataConfig, OptimConfig, RunConfig
     from llamaforge.train.loop import autocast_context
@@ -90,7 +91,7 @@ def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -
     model, precision, notes = tt.llamaforge_model(spec, tt.STACKS["llamaforge"], dev)
     cfg = RunConfig(model="random", data=DataConfig(path="-"), stage=objective, method=spec.method)
     cfg.dpo.beta = BETA
-    cfg.dpo.shared_prompt = name != "llamaforge-dpo-two-rows"
+    cfg.dpo.shared_prompt = cfg.rm.shared_prompt = not name.endswith("-two-rows")
     stage = STAGES[objective]
     collate_fn = stage.batches(cfg)
     if stage.prepare is not None:  # the reward head (trainable: added after the frozen base)

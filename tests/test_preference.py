@@ -400,15 +400,39 @@ def test_shared_prompt_rows_give_each_answer_the_logps_of_its_own_row(tok, lora)
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
-def test_dpo_runs_shared_prompt_rows_unless_told_not_to():
+def test_dpo_and_rm_run_shared_prompt_rows_unless_told_not_to():
     from llamaforge.config import DataConfig, RunConfig
     from llamaforge.train.stages import STAGES
 
     cfg = RunConfig(model="m", data=DataConfig(path="-"), stage="dpo")
     assert STAGES["dpo"].batches(cfg) is collate_shared_pairs
-    cfg.dpo.shared_prompt = False
+    assert STAGES["rm"].batches(cfg) is collate_shared_pairs
+    cfg.dpo.shared_prompt = cfg.rm.shared_prompt = False
     assert STAGES["dpo"].batches(cfg) is collate_pairs
     assert STAGES["rm"].batches(cfg) is collate_pairs
+    assert STAGES["sft"].batches(cfg) is STAGES["sft"].collate
+
+
+def test_shared_prompt_rows_give_the_reward_scores_and_loss_of_two_rows(tok):
+    """Each answer scored at its own last token in the shared row: the scores, the pairwise
+    loss and its gradients of two rows a pair."""
+    model = add_score_head(random_model("tiny-llama3", seed=2))
+    pairs = [dict(ex) for ex in _pairs(tok).train[:3]]
+    pairs[1] = {**pairs[1], "rejected_ids": pairs[1]["rejected_ids"][:2],
+                "rejected_labels": pairs[1]["rejected_labels"][:2]}  # fmt: skip
+    one, two = collate_shared_pairs(pairs, pad_id=0), collate_pairs(pairs, pad_id=0)
+    torch.testing.assert_close(
+        reward_scores(model, one), reward_scores(model, two), atol=1e-5, rtol=1e-5
+    )
+    fn = reward_loss_fn(margin=0.5, center_coef=0.01)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lm_head" not in n]
+    (got, n_got, _), (want, n_want, _) = fn(model, one), fn(model, two)
+    assert int(n_got) == int(n_want) == 3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(
+        torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True
+    ):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
 def _segment_attention(q, k, v, cu, max_len):

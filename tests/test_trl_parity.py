@@ -169,6 +169,9 @@ def test_reward_loss_equals_trl_reward_trainer(
     fn = reward_loss_fn(margin=margin, center_coef=center or 0.0)
     ours = _ours_mean(fn, ours_model, ours_batch)
     assert abs(ours - theirs) <= TOL, (ours, theirs)
+    shared = collate_shared_pairs(pairs, pad_id=hf_tok.pad_token_id)  # the default layout
+    ours = _ours_mean(fn, ours_model, shared)
+    assert abs(ours - theirs) <= TOL, ("shared prompt", ours, theirs)
 
 
 # ---------------------------------------------------------------- DPO family

@@ -222,6 +222,8 @@ class RewardConfig:
 
     margin: float = 0.0
     center_coef: float = _f(0.0, NON_NEGATIVE)  # weight of (r_c + r_r)^2, keeps rewards near 0
+    # each pair one row, the prompt once (as dpo.shared_prompt); false: two rows a pair
+    shared_prompt: bool = True
 
 
 @dataclass

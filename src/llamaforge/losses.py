@@ -160,15 +160,21 @@ def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     return -sums.index_add(0, rows[mask], nll), mask.sum(1)
 
 
-def _shared_pair_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Both answers of each shared-prompt row in one forward and one head pass: (2B,), (2B,)."""
+def _shared_pair_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Hidden states (B, T, C) of shared-prompt pair rows: each answer sees the prompt and
+    itself (flash varlen segments where they run, the dense mask elsewhere)."""
     parts = batch["pair_parts"]
     use_varlen = getattr(model, "varlen_usable", None)
     if use_varlen is not None and use_varlen(parts):  # flash varlen, two segments a row
         mask: Any = PairSegments.from_parts(parts)
     else:
         mask = shared_prompt_mask(parts)  # (B, 1, T, T)
-    hidden = model.hidden_states(batch["input_ids"], positions=batch["positions"], mask=mask)
+    return model.hidden_states(batch["input_ids"], positions=batch["positions"], mask=mask)
+
+
+def _shared_pair_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Both answers of each shared-prompt row in one forward and one head pass: (2B,), (2B,)."""
+    hidden = _shared_pair_hidden(model, batch)
     targets = torch.stack([batch["chosen_targets"], batch["rejected_targets"]])  # (2, B, T)
     keep = targets != IGNORE_INDEX
     b = targets.shape[1]
@@ -183,11 +189,20 @@ def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Scalar reward of each row from its last real token: (N,) float32.
 
     Rows are right-padded (`seq_lens` gives each length), or left-padded with an
-    `attention_mask` (positions and a pad mask are built from it), with equal scores.
+    `attention_mask` (positions and a pad mask are built from it), with equal scores. A
+    shared-prompt pair batch (B rows) gives the 2B scores of its chosen then rejected
+    answers, each from its answer's last token, as the 2B rows of `collate_pairs` would.
     """
     from .model.llama import padded_causal_mask
 
     ids = batch["input_ids"]  # (N, T)
+    if "rejected_targets" in batch:
+        hidden = _shared_pair_hidden(model, batch)  # (B, T, C)
+        parts = batch["pair_parts"]
+        chosen_end = (parts == 0).sum(1) + (parts == 1).sum(1) - 1  # last chosen token
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        h = torch.cat([hidden[rows, chosen_end], hidden[rows, (parts >= 0).sum(1) - 1]])
+        return model.score(h).squeeze(-1).float()
     if "attention_mask" in batch:
         am = batch["attention_mask"]
         positions = (am.cumsum(1) - 1).clamp(min=0)

@@ -191,6 +191,10 @@ def _dpo_collate(cfg: RunConfig) -> Callable[[Sequence[dict], int], Batch]:
     return collate_shared_pairs if cfg.dpo.shared_prompt else collate_pairs
 
 
+def _rm_collate(cfg: RunConfig) -> Callable[[Sequence[dict], int], Batch]:
+    return collate_shared_pairs if cfg.rm.shared_prompt else collate_pairs
+
+
 def _dpo_before_train(model: nn.Module, cfg: RunConfig, splits: Any, pad_id: int) -> None:
     """Reference log-probs in the precision training runs in, with the starting weights.
 
@@ -214,7 +218,16 @@ def _dpo_before_train(model: nn.Module, cfg: RunConfig, splits: Any, pad_id: int
 STAGES: dict[str, Stage] = {
     "pt": Stage("pt", collate, count_label_tokens, _lm_loss),
     "sft": Stage("sft", collate, count_label_tokens, _lm_loss),
-    "rm": Stage("rm", collate_pairs, count_pairs, _rm_loss, lm=False, prepare=_reward_head, rows=2),
+    "rm": Stage(
+        "rm",
+        collate_pairs,
+        count_pairs,
+        _rm_loss,
+        lm=False,
+        prepare=_reward_head,
+        rows=2,
+        collate_for=_rm_collate,
+    ),
     "dpo": Stage(
         "dpo",
         collate_pairs,
