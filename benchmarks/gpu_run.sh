@@ -20,6 +20,9 @@
 #   small   SmolLM2 LoRA on real chitchat lengths, packed, default kernels against the fused LoRA
 #           layer (kernels.lora) at 32 and 64 conversations a step, with the peer in the same
 #           run (MODEL=SmolLM2.gguf; the host-bound row of issue 16 item 4)
+#   graph   the captured packed SmolLM2 LoRA step: GPU tests, a whole train run with and
+#           without cuda_graph, graph/packed/padded/peft at 32, 64, 128 conversations (TOK=...)
+#   dpo     DPO on 8B LoRA: shared-prompt rows, two rows a pair, TRL DPOTrainer + peft
 #   inbw    1B full fine-tuning with AdamW applied inside the backward (optim.step_in_backward:
 #           gradients freed as applied) against the default, then under a 10 GB budget plan
 #   fused   the LoRA layer as one autograd node (`kernels.lora`) and the residual add fused
@@ -126,6 +129,30 @@ small)
       grep -i "tokens/s" "$out/real_lengths_bs${bs}_$k.log" | tail -4
     done
   done
+  ;;
+graph)
+  # the captured packed step: its GPU tests (the loop path included), a whole llamaforge
+  # train with and without cuda_graph, then graph / packed / padded / peft at 16k, 32k and
+  # 64k real tokens a step (TOK: the bundled tokenizer saved by save_tokenizer; the
+  # chitchat-dataset and gguf wheels on PYTHONPATH)
+  timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_graph_step.py 2>&1 | tail -3
+  timeout 200 python3 benchmarks/graph_loop.py --tokenizer "${TOK:?set TOK}" --steps 40 \
+    --rows 16 --out "$out/graph_loop.json" >"$out/graph_loop.log" 2>&1
+  echo "== graph_loop (exit $?)"; tail -2 "$out/graph_loop.log"
+  for bs in 32 64 128; do
+    modes=graph,packed,padded,hf; [ $bs = 128 ] && modes=graph,packed,padded
+    timeout 200 python3 benchmarks/real_lengths.py --model preset:smollm2-135m --tokenizer "$TOK" \
+      --modes $modes --lora-dropout 0 --bs $bs --steps 12 --warmup 3 --kernels fused-lora \
+      --out "$out/real_lengths_graph_bs$bs.json" >"$out/real_lengths_graph_bs$bs.log" 2>&1
+    echo "== real_lengths graph bs $bs (exit $?)"; grep "x$" "$out/real_lengths_graph_bs$bs.log"
+  done
+  ;;
+dpo)
+  # shared-prompt DPO and RM rows against two rows and TRL (trl, datasets wheels on PYTHONPATH)
+  timeout 420 python3 benchmarks/preference_speed.py --steps 4 --warmup 2 \
+    --stacks llamaforge-dpo,llamaforge-dpo-two-rows,trl-dpo --out "$out/dpo_shared.json" \
+    >"$out/dpo_shared.log" 2>&1
+  echo "== dpo (exit $?)"; grep "^| " "$out/dpo_shared.log" | tail -8
   ;;
 inbw)
   tp inbw_full1b 150 --workload full1b --stacks llamaforge,llamaforge-inbw --steps 4 --warmup 2
