@@ -492,3 +492,16 @@ def test_shared_prompt_rows_on_the_gpu_match_two_rows(tok):
         want, n_want = sequence_logps(model, two)
     assert n_got.tolist() == n_want.tolist()
     torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.02)
+
+
+def test_reference_log_probs_precomputed_on_shared_rows_equal_two_rows(tok):
+    from llamaforge.train.stages import REF_KEYS, precompute_reference
+
+    model = random_model("tiny-llama3", seed=4)
+    one = [dict(ex) for ex in _pairs(tok).train[:5]]
+    two = [dict(ex) for ex in one]
+    precompute_reference(model, one, 0, 2, collate_shared_pairs)
+    precompute_reference(model, two, 0, 2)
+    for a, b in zip(one, two, strict=True):
+        for key in REF_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-4)

@@ -101,8 +101,15 @@ def _dpo_loss(cfg: RunConfig) -> LossFn:
 
 
 @torch.no_grad()
-def precompute_reference(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int):
-    """Store the (starting) model's summed log-probs of both answers in each example."""
+def precompute_reference(
+    model: nn.Module,
+    examples: list[dict],
+    pad_id: int,
+    batch_size: int,
+    collate_fn: Callable[[Sequence[dict], int], Batch] = collate_pairs,
+):
+    """Store the (starting) model's summed log-probs of both answers in each example
+    (batches built by `collate_fn`: two rows a pair, or the run's shared-prompt rows)."""
     from tqdm import tqdm
 
     was = model.training
@@ -112,7 +119,7 @@ def precompute_reference(model: nn.Module, examples: list[dict], pad_id: int, ba
         starts = range(0, len(examples), batch_size)
         for s in tqdm(starts, desc="reference log-probs", leave=False):
             part = examples[s : s + batch_size]
-            batch = {k: v.to(device) for k, v in collate_pairs(part, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate_fn(part, pad_id).items()}
             logps, _ = sequence_logps(model, batch)
             chosen, rejected = logps.float().cpu().chunk(2)
             for ex, c, r in zip(part, chosen.tolist(), rejected.tolist(), strict=True):
@@ -211,7 +218,7 @@ def _dpo_before_train(model: nn.Module, cfg: RunConfig, splits: Any, pad_id: int
         return
     with autocast_context(resolve_precision(cfg.precision, device), device):
         for examples in (splits.train, splits.validation):
-            precompute_reference(model, examples, pad_id, cfg.optim.batch_size)
+            precompute_reference(model, examples, pad_id, cfg.optim.batch_size, _dpo_collate(cfg))
     _save_reference(path, splits)
 
 
