@@ -30,6 +30,7 @@ tests compare against the training loop.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from typing import Any
 
@@ -248,6 +249,9 @@ class PackedGraphStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _capture(self) -> None:
+        # an autograd graph of an earlier forward held only by reference cycles would keep
+        # its AccumulateGrad nodes (and the stream they were made on) alive into the capture
+        gc.collect()
         self.warm_up()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
