@@ -268,3 +268,20 @@ def test_model_groups_qkv_and_gate_up(monkeypatch):
     m.set_kernels(dataclasses.replace(Kernels.none(), lora=True))
     m(ids)
     assert sorted(set(sizes)) == [2, 3] and len(sizes) == 2 * model.cfg.n_layers
+
+
+def test_fused_group_over_an_input_without_gradient(monkeypatch):
+    """The first block's input (frozen embeddings): no dx is computed, A and B train alike."""
+    monkeypatch.setattr(lora_mod, "fusable_device", lambda x: True)
+    layers = group()
+    x = torch.randn(5, 48, device=DEV)  # requires no gradient
+    grads_of = []
+    for fused in (False, True):
+        ms = copy.deepcopy(layers)
+        for m in ms:
+            m.kernels = Kernels(lora=fused)
+        ys = LoRALinear.group_forward(x, ms) if fused else [m(x) for m in ms]
+        sum(y.square().sum() for y in ys).backward()
+        grads_of.append([t.grad for m in ms for t in (m.lora_A["a"], m.lora_B["a"])])
+    for w, g in zip(*grads_of, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

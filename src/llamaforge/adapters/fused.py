@@ -166,11 +166,13 @@ class _FusedLoRAGroup(torch.autograd.Function):
         if ctx.scaling != 1.0:
             dh.mul_(ctx.scaling)
         da = dh.t() @ x2  # (n*r, in)
-        dx = dh @ ac  # (N, in), the base layers' input gradients accumulated into it
-        for g, w in zip(gs, ctx.weights, strict=True):
-            if g is not None:
-                dx.addmm_(g, _dense(w, dtype))
-        dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
+        dx = None
+        if ctx.needs_input_grad[0]:  # e.g. not the first block's input (frozen embeddings)
+            dx = dh @ ac  # (N, in), the base layers' input gradients accumulated into it
+            for g, w in zip(gs, ctx.weights, strict=True):
+                if g is not None:
+                    dx.addmm_(g, _dense(w, dtype))
+            dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
         a_grads = [t.to(d) for t, d in zip(da.split(ctx.ranks), ctx.ab_dtypes[:n], strict=True)]
         b_grads = [t.to(d) for t, d in zip(db, ctx.ab_dtypes[n:], strict=True)]
         return dx, None, None, None, *a_grads, *b_grads
