@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .kernels.fused_ce import auto_chunk_size, fused_ce_sum, linear_cross_entropy
-from .model.llama import PairSegments, shared_prompt_mask
+from .model.llama import CHOSEN_PART, PAD_PART, PROMPT_PART, PairSegments, shared_prompt_mask
 
 IGNORE_INDEX = -100
 
@@ -178,11 +178,10 @@ def _shared_pair_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tens
     targets = torch.stack([batch["chosen_targets"], batch["rejected_targets"]])  # (2, B, T)
     keep = targets != IGNORE_INDEX
     b = targets.shape[1]
-    rows = torch.arange(2 * b, device=targets.device).view(2, b, 1).expand_as(targets)
-    at = keep.nonzero(as_tuple=True)  # (side, row, position) of every labelled prediction
-    nll = token_nll(hidden[at[1], at[2]], model.lm_head, targets[keep], model_kernels(model))
+    side, row, pos = keep.nonzero(as_tuple=True)  # every labelled prediction
+    nll = token_nll(hidden[row, pos], model.lm_head, targets[keep], model_kernels(model))
     sums = torch.zeros(2 * b, dtype=torch.float32, device=nll.device)
-    return -sums.index_add(0, rows[keep], nll), keep.sum(2).flatten()
+    return -sums.index_add(0, side * b + row, nll), keep.sum(2).flatten()
 
 
 def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -199,9 +198,9 @@ def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if "rejected_targets" in batch:
         hidden = _shared_pair_hidden(model, batch)  # (B, T, C)
         parts = batch["pair_parts"]
-        chosen_end = (parts == 0).sum(1) + (parts == 1).sum(1) - 1  # last chosen token
+        chosen_end = (parts == PROMPT_PART).sum(1) + (parts == CHOSEN_PART).sum(1) - 1
         rows = torch.arange(ids.shape[0], device=ids.device)
-        h = torch.cat([hidden[rows, chosen_end], hidden[rows, (parts >= 0).sum(1) - 1]])
+        h = torch.cat([hidden[rows, chosen_end], hidden[rows, (parts != PAD_PART).sum(1) - 1]])
         return model.score(h).squeeze(-1).float()
     if "attention_mask" in batch:
         am = batch["attention_mask"]

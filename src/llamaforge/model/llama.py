@@ -143,6 +143,10 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tenso
     return out if out is not None else tuple(layer(x) for layer in layers)
 
 
+# which part of a shared-prompt pair row a position holds (`train.batches.collate_shared_pairs`)
+PROMPT_PART, CHOSEN_PART, REJECTED_PART, PAD_PART = 0, 1, 2, -1
+
+
 @dataclass(frozen=True)
 class PairSegments:
     """Shared-prompt pair rows (prompt P, chosen C, rejected R; `train.batches.
@@ -162,12 +166,12 @@ class PairSegments:
     max_len: int
 
     @classmethod
-    def from_parts(cls, parts: torch.Tensor, prompt: int = 0, chosen: int = 1) -> PairSegments:
+    def from_parts(cls, parts: torch.Tensor) -> PairSegments:
         """From (B, T) part ids (prompt, chosen, rejected, then padding)."""
         host = parts.cpu()
-        n_p = (host == prompt).sum(1).tolist()
-        n_c = (host == chosen).sum(1).tolist()
-        n_all = (host >= 0).sum(1).tolist()
+        n_p = (host == PROMPT_PART).sum(1).tolist()
+        n_c = (host == CHOSEN_PART).sum(1).tolist()
+        n_all = (host != PAD_PART).sum(1).tolist()
         bounds = tuple((p, p + c, end) for p, c, end in zip(n_p, n_c, n_all, strict=True))
         cu, lens = [0], []
         for p, pc, end in bounds:
@@ -505,11 +509,11 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def shared_prompt_mask(parts: torch.Tensor, chosen: int = 1, rejected: int = 2) -> torch.Tensor:
+def shared_prompt_mask(parts: torch.Tensor) -> torch.Tensor:
     """bool (B, 1, T, T) for rows of prompt + chosen + rejected (`parts` (B, T) of part ids):
     causal, except that rejected positions never see chosen ones (each answer sees the
     prompt and itself, as in a row of its own)."""
     t = parts.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=parts.device).tril()
-    hidden = (parts == rejected).unsqueeze(2) & (parts == chosen).unsqueeze(1)  # (B, T, T)
+    hidden = (parts == REJECTED_PART).unsqueeze(2) & (parts == CHOSEN_PART).unsqueeze(1)
     return (causal & ~hidden).unsqueeze(1)

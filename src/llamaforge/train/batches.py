@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..data.preference import pair_sequences
+from ..model.llama import CHOSEN_PART, PAD_PART, PROMPT_PART, REJECTED_PART
 
 Example = dict[str, Any]  # {"input_ids": list[int], "labels": list[int], ...}
 Batch = dict[str, Tensor]
@@ -21,6 +22,10 @@ PAD_VALUES: dict[str, int | None] = {
     "labels": -100,
     "positions": 0,
     "doc_ids": -1,
+    # shared-prompt pair rows (`collate_shared_pairs`)
+    "pair_parts": PAD_PART,
+    "chosen_targets": -100,
+    "rejected_targets": -100,
 }
 MEGABATCH = 64  # length grouping sorts within windows of this many batches
 
@@ -62,14 +67,15 @@ def collate_pairs(examples: Sequence[Example], pad_id: int) -> Batch:
     """
     seqs = [pair_sequences(e) for e in examples]
     batch = collate([s[0] for s in seqs] + [s[1] for s in seqs], pad_id)
+    return _with_float_fields(batch, examples)
+
+
+def _with_float_fields(batch: Batch, examples: Sequence[Example]) -> Batch:
+    """The examples' float fields (e.g. precomputed reference log-probs) as (B,) tensors."""
     for key, value in examples[0].items():
         if isinstance(value, float):
             batch[key] = torch.tensor([float(e[key]) for e in examples])
     return batch
-
-
-# which part of a shared-prompt pair row a position holds (`collate_shared_pairs`)
-PROMPT_PART, CHOSEN_PART, REJECTED_PART, PAD_PART = 0, 1, 2, -1
 
 
 def collate_shared_pairs(examples: Sequence[Example], pad_id: int) -> Batch:
@@ -112,19 +118,7 @@ def collate_shared_pairs(examples: Sequence[Example], pad_id: int) -> Batch:
                 "rejected_targets": targets["rejected"],
             }
         )
-    width = max(len(row["input_ids"]) for row in rows)
-    pads = {"input_ids": pad_id, "positions": 0, "pair_parts": PAD_PART}
-    out = {}
-    for key in rows[0]:
-        t = torch.full((len(rows), width), pads.get(key, -100), dtype=torch.long)  # (B, T)
-        for i, row in enumerate(rows):
-            t[i, : len(row[key])] = torch.as_tensor(row[key], dtype=torch.long)
-        out[key] = t
-    out["seq_lens"] = torch.tensor([len(row["input_ids"]) for row in rows])  # (B,)
-    for key, value in examples[0].items():
-        if isinstance(value, float):
-            out[key] = torch.tensor([float(e[key]) for e in examples])
-    return out
+    return _with_float_fields(collate(rows, pad_id), examples)
 
 
 class BatchSource:

@@ -41,9 +41,11 @@ from ..errors import NonFiniteLossError
 from ..kernels.fused_ce import linear_cross_entropy
 from ..losses import IGNORE_INDEX
 from ..model.llama import Segments, document_causal_mask
+from .batches import PAD_VALUES
 
-# pad values of the static buffers, as `train.batches.collate` pads
-_PAD = {"input_ids": 0, "labels": IGNORE_INDEX, "positions": 0, "doc_ids": -1}
+# pad values of the static buffers: `train.batches.collate`'s (pad tokens weigh nothing and
+# sit in no document, so any token id will do for them)
+_PAD = {k: PAD_VALUES[k] or 0 for k in ("input_ids", "labels", "positions", "doc_ids")}
 
 
 class NonFiniteStep(NonFiniteLossError):

@@ -194,12 +194,16 @@ def _save_reference(path: Path, splits: Any) -> None:
     write_file_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def _dpo_collate(cfg: RunConfig) -> Callable[[Sequence[dict], int], Batch]:
-    return collate_shared_pairs if cfg.dpo.shared_prompt else collate_pairs
+def _pair_collate(section: str) -> Callable[[RunConfig], Callable[[Sequence[dict], int], Batch]]:
+    """The pair layout a stage's `<section>.shared_prompt` key chooses."""
+
+    def choose(cfg: RunConfig) -> Callable[[Sequence[dict], int], Batch]:
+        return collate_shared_pairs if getattr(cfg, section).shared_prompt else collate_pairs
+
+    return choose
 
 
-def _rm_collate(cfg: RunConfig) -> Callable[[Sequence[dict], int], Batch]:
-    return collate_shared_pairs if cfg.rm.shared_prompt else collate_pairs
+_dpo_collate, _rm_collate = _pair_collate("dpo"), _pair_collate("rm")
 
 
 def _dpo_before_train(model: nn.Module, cfg: RunConfig, splits: Any, pad_id: int) -> None:
