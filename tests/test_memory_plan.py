@@ -78,6 +78,36 @@ def test_the_probe_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), want)
 
 
+def test_the_probe_leaves_no_autograd_graph_alive(monkeypatch):
+    """What the probe's graph saved dies with it: a graph kept alive keeps its AccumulateGrad
+    nodes, and a captured step (train/graph_step.py) would then wait on the stream they were
+    made on."""
+    import gc
+    import weakref
+
+    import llamaforge.train.memory_plan as mp
+    from llamaforge.adapters.inject import apply_lora
+
+    model = random_model("tiny-llama3")
+    apply_lora(model, r=4, alpha=8)
+    weights = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    packed: list[weakref.ref] = []
+    hooks = torch.autograd.graph.saved_tensors_hooks
+
+    def watched(pack, unpack):  # noqa: ANN001, ANN202
+        def spy(t: torch.Tensor):  # noqa: ANN202
+            if t.untyped_storage().data_ptr() not in weights:
+                packed.append(weakref.ref(t))
+            return pack(t)
+
+        return hooks(spy, unpack)
+
+    monkeypatch.setattr(mp.torch.autograd.graph, "saved_tensors_hooks", watched)
+    block_costs(model, rows=2, tokens=32)
+    gc.collect()
+    assert packed and not [r for r in packed if r() is not None]
+
+
 def test_long_runs_are_probed_short_and_scaled(monkeypatch):
     import llamaforge.train.memory_plan as mp
 

@@ -137,11 +137,20 @@ def _saved_bytes(
     shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    held: list[torch.Tensor] = []  # what the backward would hold, alive until the count ends
+
+    def pack(t: torch.Tensor) -> None:
+        # the graph keeps nothing: had the hook returned `t`, a tensor a node saves of its own
+        # output would reference that node, a cycle through C++ that no garbage collection
+        # frees, and the probe's graph (its AccumulateGrad nodes and the stream they were made
+        # on included) would outlive it
         s = t.untyped_storage()
         if s.data_ptr() not in shared and s.data_ptr() != 0:
             saved[s.data_ptr()] = s.nbytes()
-        return t
+            held.append(t)  # no address is freed and reused by a later saved tensor
+
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("the memory plan's probe runs no backward")
 
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(1, tokens, model.cfg.dim, device=dev, dtype=model.dtype, generator=gen)
@@ -163,10 +172,11 @@ def _saved_bytes(
             torch.random.fork_rng(devices=cuda),  # dropout in the probe leaves the run's RNG
             torch.enable_grad(),
             autocast(),
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autograd.graph.saved_tensors_hooks(pack, unpack),
         ):
             out = block(x, cos, sin, None, None)
             del out
+            held.clear()
     finally:
         block.train(was)
         if side is not None:
