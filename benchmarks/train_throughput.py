@@ -424,6 +424,7 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
         if plan is not None:
             model.checkpoint_layers = plan.checkpointed
             model.offload_activations = plan.offload
+            model.offload_layers = plan.offloaded if plan.offload else None
     notes = {
         "lora": f"{dtype_name(dtype)} base, fp32 LoRA",
         "qlora": f"llamaforge NF4+DQ base, {dtype_name(compute)} compute, fp32 LoRA",

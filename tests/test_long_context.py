@@ -76,13 +76,14 @@ def test_offload_pins_only_where_power_of_two_rounding_wastes_little():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading moves CUDA tensors")
-@pytest.mark.parametrize("t", [2048, 3000])  # a pinned and a pageable layer input
-def test_offloaded_checkpoints_give_the_same_gradients(t):
+@pytest.mark.parametrize("t,layers", [(2048, None), (3000, None), (2048, 1)])
+def test_offloaded_checkpoints_give_the_same_gradients(t, layers):
+    """A pinned and a pageable layer input, and the inputs of the first block only."""
     model = random_model("tiny-llama3", dim=256, n_heads=4, n_kv_heads=2).cuda().train()
     model.gradient_checkpointing = True
     ids = torch.randint(0, model.cfg.vocab_size, (1, t), device="cuda")
     ref_loss, ref_grads = loss_and_grads(model, ids)
-    model.offload_activations = True
+    model.offload_activations, model.offload_layers = True, layers
     loss, grads = loss_and_grads(model, ids)
     torch.testing.assert_close(loss, ref_loss)
     for k, g in ref_grads.items():
@@ -105,6 +106,24 @@ def test_checkpointing_only_the_first_blocks_changes_no_gradient(n):
     torch.testing.assert_close(loss, ref_loss)
     for k, g in ref_grads.items():
         torch.testing.assert_close(grads[k], g, msg=k)
+
+
+def test_offload_layers_say_which_checkpointed_blocks_offload():
+    model = random_model("tiny-llama3")
+    n = len(model.layers)
+    assert not any(model.offloads(i) for i in range(n))  # offload off
+    model.offload_activations = True
+    assert all(model.offloads(i) for i in range(n))  # every block (None)
+    model.offload_layers = 1
+    assert [model.offloads(i) for i in range(n)] == [True] + [False] * (n - 1)
+    raw = {"model": "m", "data": {"path": "d.jsonl"}}
+    on = ["activation_checkpointing=true", "activation_offload=true"]
+    got = config_from_dict(raw, [*on, "activation_offload_layers=3"]).train_config()
+    assert got.activation_offload_layers == 3
+    with pytest.raises(ConfigError, match="activation_offload_layers.*needs 'activation_offload"):
+        config_from_dict(raw, ["activation_checkpointing=true", "activation_offload_layers=3"])
+    with pytest.raises(ConfigError, match="and key .memory_budget_gb. both set"):
+        config_from_dict(raw, [*on, "activation_offload_layers=3", "memory_budget_gb=20"])
 
 
 def test_checkpointed_layers_key_needs_checkpointing():

@@ -30,10 +30,17 @@ def test_choose_keeps_as_many_blocks_as_fit():
     need = fixed + 5 * keep + 3 * ckpt + 2 * keep
     plan = choose(int(need / (1 - HEADROOM)) + 1, fixed, keep, ckpt, n)
     assert plan.checkpointed == 3 and plan.estimate == need <= usable(plan.budget)
-    # every block checkpointed does not fit, offloading their inputs does
+    # every block checkpointed does not fit: the inputs of as few blocks as needed go to the
+    # CPU, the earliest first (one block's input short: one block offloaded)
     every = fixed + n * ckpt + 2 * keep
-    off = choose(int((every - 1) / (1 - HEADROOM)), fixed, keep, ckpt, n)
-    assert off.checkpointed == n and off.offload and off.estimate == fixed + 2 * keep
+    some = choose(int((every - 1) / (1 - HEADROOM)), fixed, keep, ckpt, n)
+    assert some.checkpointed == n and some.offload and some.offloaded == 1
+    assert some.estimate == every - ckpt and "inputs of the first 1 offloaded" in some.describe()
+    three = choose(int((every - 3 * ckpt) / (1 - HEADROOM)) + 1, fixed, keep, ckpt, n)
+    assert three.offloaded == 3 and three.estimate == every - 3 * ckpt
+    off = choose(int((fixed + 2 * keep) / (1 - HEADROOM)) + 1, fixed, keep, ckpt, n)
+    assert off.checkpointed == n and off.offloaded == n and off.estimate == fixed + 2 * keep
+    assert "inputs offloaded to CPU" in off.describe()
     with pytest.raises(UserError, match="memory_budget_gb.*lower optim.batch_size"):
         choose(int(fixed / (1 - HEADROOM)), fixed, keep, ckpt, n)
     # under the auto default the most frugal plan is tried instead of refused
@@ -183,6 +190,23 @@ def test_a_run_follows_the_plan_and_learns_the_same(tmp_path, base_dir, capsys):
 
     assert losses(out) == pytest.approx(losses(plain_out), rel=1e-5)
     assert planned["steps"] == plain["steps"] == 2
+
+
+def test_a_budget_under_every_block_checkpointed_offloads_the_first_inputs(
+    tmp_path, base_dir, capsys
+):
+    """One checkpointed input more than the budget holds: the plan offloads the first
+    block's, not every block's (on the CPU the offload itself is a no-op; the run trains)."""
+    model = random_model("tiny-llama3", seed=3)
+    keep, ckpt = block_costs(model, rows=2, tokens=256)
+    n = len(model.layers)
+    need = fixed_bytes(model) + (n - 1) * ckpt + 2 * keep
+    budget_gb = (need / (1 - HEADROOM) + 1) / GB
+    done, out, log = _train(tmp_path, base_dir, "some", capsys, memory_budget_gb=budget_gb)
+    assert f"checkpoint {n} of {n} blocks, inputs of the first 1 offloaded to CPU" in log
+    plan = json.loads((out / "memory_plan.json").read_text())
+    assert plan["checkpointed"] == n and plan["offload"] and plan["offloaded"] == 1
+    assert done["steps"] == 2
 
 
 def test_a_budget_too_small_stops_before_training(tmp_path, base_dir, capsys):

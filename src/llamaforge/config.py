@@ -326,6 +326,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     activation_checkpointing: bool = False
     activation_offload: bool = False  # checkpointed layer inputs kept in CPU memory (long ctx)
+    # With offload, only the inputs of the first N checkpointed blocks go to CPU memory
+    # (None: every checkpointed block's); the rest stay on the GPU
+    activation_offload_layers: int | None = _f(None, NON_NEGATIVE)
     # With checkpointing, recompute only the first N blocks (None: every block)
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     # With checkpointing, a batch of more tokens runs each feed-forward over slices this size
@@ -355,6 +358,7 @@ class RunConfig:
     device: str | None = _f(None, DEVICE)
     activation_checkpointing: bool = False
     activation_offload: bool = False
+    activation_offload_layers: int | None = _f(None, NON_NEGATIVE)
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
     # Packed LoRA/QLoRA pt or sft in one process: capture each step (forward, backward,
@@ -640,6 +644,12 @@ def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
             "key 'activation_offload' needs 'activation_checkpointing: true' (it offloads "
             "the checkpointed layer inputs)",
         )
+    if cfg.activation_offload_layers is not None and not cfg.activation_offload:
+        raise origins.error(
+            "activation_offload_layers",
+            "key 'activation_offload_layers' needs 'activation_offload: true' (it says how "
+            "many checkpointed blocks offload their inputs)",
+        )
     if cfg.cuda_graph is True:
         _cuda_graph_checks(cfg, origins)
     if cfg.activation_checkpointing_layers is not None and not cfg.activation_checkpointing:
@@ -673,8 +683,8 @@ def _cuda_graph_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
 def _run_checks(cfg: RunConfig, origins: _Origins) -> None:
     """Rules of a whole run: data splits, and stages with the data they need."""
     if cfg.memory_budget_gb not in (None, "auto"):  # a budget the user gave: check its use
-        for key in ("activation_checkpointing", "activation_offload"):
-            if getattr(cfg, key):
+        for key in ("activation_checkpointing", "activation_offload", "activation_offload_layers"):
+            if getattr(cfg, key) not in (False, None):
                 raise origins.error(
                     key,
                     f"key '{key}' and key 'memory_budget_gb' both set: the budget chooses the "

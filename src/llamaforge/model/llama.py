@@ -364,6 +364,8 @@ class Llama(nn.Module):
         self.reset_rope()
         self.gradient_checkpointing = False
         self.offload_activations = False  # with checkpointing: keep layer inputs in CPU memory
+        # with offload: only the first N checkpointed blocks' inputs go there (None: all)
+        self.offload_layers: int | None = None
         # with checkpointing: only the first N blocks recompute (None: all); the rest keep
         # their activations, trading memory for the recompute's third of the matmuls
         self.checkpoint_layers: int | None = None
@@ -435,7 +437,7 @@ class Llama(nn.Module):
         ckpt = self.checkpoint_layers if self.checkpoint_layers is not None else len(self.layers)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and i < ckpt:
-                x = self._checkpointed(layer, x, cos, sin, mask, cache)
+                x = self._checkpointed(layer, self.offloads(i), x, cos, sin, mask, cache)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -456,9 +458,18 @@ class Llama(nn.Module):
             return Segments.from_doc_ids(doc_ids)
         return document_causal_mask(doc_ids)
 
-    def _checkpointed(self, layer: nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
+    def offloads(self, i: int) -> bool:
+        """Whether checkpointed block i keeps its saved input in CPU memory: with offload on,
+        the first `offload_layers` blocks (every block when None). The earliest go first:
+        their inputs wait longest for the backward, so their copies back overlap best."""
+        n = self.offload_layers
+        return self.offload_activations and (n is None or i < n)
+
+    def _checkpointed(
+        self, layer: nn.Module, offload: bool, x: torch.Tensor, *args: object
+    ) -> torch.Tensor:
         """Run a block under activation checkpointing, its saved input in CPU memory if asked."""
-        offload = self.offload_activations and x.device.type != "cpu"
+        offload = offload and x.device.type != "cpu"
         with offload_saved_tensors() if offload else contextlib.nullcontext():
             return torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
 

@@ -789,6 +789,8 @@ def train(
             raise ValueError(f"{type(model).__name__} has no gradient_checkpointing switch")
         model.gradient_checkpointing = True
         model.offload_activations = cfg.activation_offload
+        if hasattr(model, "offload_layers"):
+            model.offload_layers = cfg.activation_offload_layers
         if hasattr(model, "checkpoint_layers"):
             model.checkpoint_layers = cfg.activation_checkpointing_layers
         if hasattr(model, "set_mlp_chunk"):

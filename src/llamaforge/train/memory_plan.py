@@ -24,11 +24,13 @@ and picks the fastest plan that fits:
 Blocks are checkpointed from the first one on (the model's `checkpoint_layers`), as few as
 the budget allows: keeping activations is faster (no recompute), so the plan that fits with
 the fewest checkpointed blocks is the fastest one of this family. When even checkpointing
-every block does not fit, the checkpointed inputs go to CPU memory (`activation_offload`);
-when that does not fit either, the run stops before it starts with the numbers. A margin
-(`HEADROOM`) is left for the allocator, the loss head and transient buffers; the plan is
-an estimate, printed and written to `memory_plan.json` so that it can be checked against the
-measured peak.
+every block does not fit, the inputs of as few checkpointed blocks as needed go to CPU
+memory, the earliest first (`activation_offload`, `activation_offload_layers`: each copy
+costs host-link time, and host memory may not hold every input at long context);
+when offloading all of them does not fit either, the run stops before it starts with the
+numbers. A margin (`HEADROOM`) is left for the allocator, the loss head and transient
+buffers; the plan is an estimate, printed and written to `memory_plan.json` so that it can
+be checked against the measured peak.
 """
 
 from __future__ import annotations
@@ -62,14 +64,18 @@ class MemoryPlan:
     block_checkpointed: int  # one block's saved input, checkpointed
     n_layers: int
     checkpointed: int  # blocks 0..checkpointed-1 recompute in the backward
-    offload: bool  # their saved inputs live in CPU memory
+    offload: bool  # saved inputs of checkpointed blocks live in CPU memory
     estimate: int  # estimated peak
     fits: bool = True  # False: even the most frugal plan's estimate is over the budget
     head: int = 0  # the loss head at the forward's end (`head_bytes`)
+    offloaded: int = 0  # with offload: blocks 0..offloaded-1 keep their input in CPU memory
 
     def describe(self) -> str:
         """One line for the log."""
-        where = ", inputs offloaded to CPU" if self.offload else ""
+        where = ""
+        if self.offload:
+            some = "" if self.offloaded == self.checkpointed else f" of the first {self.offloaded}"
+            where = f", inputs{some} offloaded to CPU"
         if not self.fits:
             where += "; over the budget even so: trying it"
         return (
@@ -227,21 +233,27 @@ def choose(
     """
     usable = int(budget * (1 - HEADROOM))
 
-    def estimate(k: int, offload: bool = False) -> int:
-        inputs = 0 if offload else k * checkpointed
+    def estimate(k: int, offloaded: int = 0) -> int:
+        inputs = (k - offloaded) * checkpointed
         backward = keep + (keep if k else 0)  # its temporaries, plus one recomputed block
         return fixed + (n_layers - k) * keep + inputs + max(backward, head)
 
+    def plan(k: int, offloaded: int = 0, fits: bool = True) -> MemoryPlan:
+        est = estimate(k, offloaded)
+        return MemoryPlan(
+            budget, fixed, keep, checkpointed, n_layers, k, offloaded > 0, est, fits, head,
+            offloaded,
+        )  # fmt: skip
+
     for k in range(n_layers + 1):
         if estimate(k) <= usable:
-            return MemoryPlan(
-                budget, fixed, keep, checkpointed, n_layers, k, False, estimate(k), head=head
-            )
-    est = estimate(n_layers, True)
-    if est <= usable or not strict:
-        return MemoryPlan(
-            budget, fixed, keep, checkpointed, n_layers, n_layers, True, est, est <= usable, head
-        )
+            return plan(k)
+    for m in range(1, n_layers + 1):  # every block checkpointed: offload as few as fit
+        if estimate(n_layers, m) <= usable:
+            return plan(n_layers, m)
+    est = estimate(n_layers, n_layers)
+    if not strict:
+        return plan(n_layers, n_layers, fits=False)
     raise UserError(
         f"key 'memory_budget_gb': the run needs about {est / GB:.1f} GB even with every block "
         f"checkpointed and offloaded (weights, grads and optimizer {fixed / GB:.1f} GB), "

@@ -198,12 +198,13 @@ def planned_train_config(
     log(plan.describe())
     if out is not None:
         plan.save(out / "memory_plan.json")
-    k = plan.checkpointed
+    k, m = plan.checkpointed, plan.offloaded
     return replace(
         tcfg,
         activation_checkpointing=k > 0,
         activation_checkpointing_layers=k if 0 < k < plan.n_layers else None,
         activation_offload=plan.offload,
+        activation_offload_layers=m if 0 < m < k else None,
     )
 
 
