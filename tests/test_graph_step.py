@@ -198,9 +198,20 @@ def _losses(d: Path) -> list[float]:
     return [r["loss"] for r in rows if r.get("kind") == "train"]
 
 
-def test_a_run_with_cuda_graph_learns_what_the_eager_loop_learns(tmp_path, base_dir, capsys):
+def test_a_run_with_cuda_graph_learns_what_the_eager_loop_learns(
+    tmp_path, base_dir, capsys, monkeypatch
+):
     """`cuda_graph: true` (eager on the CPU, the same static step a GPU captures): the
-    same per-step losses and checkpoints as the default loop."""
+    same per-step losses and checkpoints as the default loop. The learning rate is a
+    tensor, as a capture makes it (its log line once failed on the GPU only)."""
+    made = PackedGraphStep.__init__
+
+    def lr_as_on_a_gpu(self, model, optimizer, *a, **k):
+        made(self, model, optimizer, *a, **k)
+        for g in optimizer.param_groups:  # (foreach refuses a tensor lr uncaptured)
+            g["lr"], g["foreach"] = torch.tensor(float(g["lr"])), False
+
+    monkeypatch.setattr(PackedGraphStep, "__init__", lr_as_on_a_gpu)
     for name, extra in (("plain", {}), ("graph", {"cuda_graph": True})):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(_raw(tmp_path, base_dir, name, **extra)))
@@ -209,6 +220,8 @@ def test_a_run_with_cuda_graph_learns_what_the_eager_loop_learns(tmp_path, base_
     plain, graph = _losses(tmp_path / "plain"), _losses(tmp_path / "graph")
     assert len(graph) == 3 and graph == pytest.approx(plain, rel=1e-5)
     assert (tmp_path / "graph" / "adapter" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "graph" / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["lr"], float) for r in rows if r.get("kind") == "train")
 
 
 @pytest.mark.parametrize(

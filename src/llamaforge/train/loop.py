@@ -615,7 +615,7 @@ class _Loop:
     def _graph_step(self, graph: PackedGraphStep, batch: Batch) -> bool:
         """One step through the captured graph; a non-finite norm stops the run
         (`NonFiniteStep`: the replayed update cannot be skipped)."""
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # a tensor under the capturable AdamW
         loss_t, norm_t = graph(batch)
         self.scheduler.step()
         loss, norm = float(loss_t), float(norm_t)  # the step's one sync
