@@ -22,6 +22,9 @@
 #           run (MODEL=SmolLM2.gguf; the host-bound row of issue 16 item 4)
 #   graph   the captured packed SmolLM2 LoRA step: GPU tests, a whole train run with and
 #           without cuda_graph, graph/packed/padded/peft at 32, 64, 128 conversations (TOK=...)
+#   graph8b 8B LoRA and QLoRA with every block kept (the `auto` plan on an 80 GB card) as
+#           eager steps and as one captured step each (`llamaforge-graph`): the >= 18,000
+#           tok/s LoRA cell, where the eager no-recompute step leaves launch gaps
 #   dpo     DPO on 8B LoRA: shared-prompt rows, two rows a pair, TRL DPOTrainer + peft
 #   inbw    1B full fine-tuning with AdamW applied inside the backward (optim.step_in_backward:
 #           gradients freed as applied) against the default, then under a 10 GB budget plan
@@ -146,6 +149,12 @@ graph)
       --out "$out/real_lengths_graph_bs$bs.json" >"$out/real_lengths_graph_bs$bs.log" 2>&1
     echo "== real_lengths graph bs $bs (exit $?)"; grep "x$" "$out/real_lengths_graph_bs$bs.log"
   done
+  ;;
+graph8b)
+  tp graph_lora8b 200 --workload lora8b --stacks llamaforge,llamaforge-graph --ckpt-layers 0 \
+    --steps 6 --warmup 2
+  tp graph_qlora8b 200 --workload qlora8b --stacks llamaforge,llamaforge-graph --ckpt-layers 0 \
+    --steps 6 --warmup 2
   ;;
 dpo)
   # shared-prompt DPO and RM rows against two rows and TRL (trl, datasets wheels on PYTHONPATH)

@@ -90,6 +90,7 @@ class Stack:
     fused_residual: bool = True
     dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
     in_backward: bool = False  # `optim.step_in_backward`: AdamW per tensor in the backward
+    graph: bool = False  # each step one replayed CUDA graph (`cuda_graph`, LoRA/QLoRA)
 
 
 STACKS = {
@@ -106,6 +107,9 @@ STACKS = {
     "llamaforge-offload": Stack("llamaforge, activations offloaded", offload=True),
     "llamaforge-inbw": Stack(
         "llamaforge, AdamW applied in the backward (grads freed, no clipping)", in_backward=True
+    ),
+    "llamaforge-graph": Stack(
+        "llamaforge, each step one CUDA graph (rows as packed one-document rows)", graph=True
     ),
     "llamaforge-fsdp2": Stack("llamaforge, FSDP2 at world size 1", dist="fsdp2"),
     "llamaforge-ddp": Stack("llamaforge, DDP at world size 1", dist="ddp"),
@@ -452,6 +456,9 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     updated by one Triton kernel per parameter); `llamaforge-fp32` keeps fp32 master weights
     and states, `llamaforge-bf16` bf16 ones updated by the unfused PyTorch ops;
     `llamaforge-offload` keeps the checkpointed layer inputs in CPU memory (long context).
+    `llamaforge-graph` (LoRA/QLoRA, no block checkpointed: `--ckpt-layers 0` or a
+    `--memory-budget` that keeps every block) runs each step through the loop's captured
+    step (`train/graph_step.py`, what `cuda_graph` does), each random row one packed document.
     The feed-forward runs over 16,384-token slices past that many tokens, the loop's default.
     """
     from llamaforge.adapters.inject import parameter_counts
@@ -477,6 +484,8 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     else:
         optim = OptimConfig(lr=LR[spec.method])
     opt = build_optimizer(model, optim)
+    if stack.graph:
+        return graph_trainee(model, opt, params, spec, precision, notes)
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         with autocast_context(precision, dev):
@@ -491,6 +500,39 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
             optimizer_update(opt, params)
         return loss.detach()
 
+    return Trainee(step, parameter_counts(model)[0], notes)
+
+
+def graph_trainee(model, opt, params, spec: Spec, precision: str, notes: str) -> Trainee:
+    """The `llamaforge-graph` stack: every row of random tokens one packed document, each
+    step `PackedGraphStep` (captured on CUDA in the first warm-up step; eager elsewhere)."""
+    from llamaforge.adapters.inject import parameter_counts
+    from llamaforge.train.graph_step import PackedGraphStep
+    from llamaforge.train.loop import autocast_dtype
+
+    if spec.method == "full":
+        raise SystemExit("llamaforge-graph trains LoRA or QLoRA (a frozen head)")
+    if model.gradient_checkpointing and model.checkpoint_layers != 0:
+        raise SystemExit(
+            "llamaforge-graph captures steps without checkpointing: --ckpt-layers 0, or a "
+            "--memory-budget whose plan keeps every block"
+        )
+    model.gradient_checkpointing = False
+    graphed = PackedGraphStep(
+        model, opt, params, rows=spec.bs, seq_len=spec.seq, max_grad_norm=1.0,
+        autocast_dtype=autocast_dtype(precision), labels=spec.bs * spec.seq,
+    )  # fmt: skip
+    positions = torch.arange(spec.seq).expand(spec.bs, spec.seq)
+    doc_ids = torch.zeros(spec.bs, spec.seq, dtype=torch.long)
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.cpu()  # the loop's batches come from the host
+        batch = {"input_ids": ids, "labels": ids, "positions": positions, "doc_ids": doc_ids}
+        loss, norm = graphed(batch)
+        graphed.check(float(norm), 0)
+        return loss.detach().clone()
+
+    notes += "; each step one CUDA graph (one document a row)"
     return Trainee(step, parameter_counts(model)[0], notes)
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -99,6 +100,28 @@ def test_train_throughput_tiny(tmp_path):
     assert "aten::" in results["llamaforge"]["profile"] and "profile" not in results["hf"]
     assert "skipped" in results["unsloth"] or "tokens_per_s" in results["unsloth"]
     assert set(report["ratios"]) == {"hf"}  # ours against peers, not against our variants
+
+
+def test_train_throughput_graph_stack_trains_what_the_plain_step_trains():
+    """`llamaforge-graph` (the captured step; eager on the CPU) against `llamaforge`, both
+    without checkpointing, same weights and tokens: the same per-step losses; with blocks
+    checkpointed it refuses (captures are measured without)."""
+    bench = _script("train_throughput")
+    spec = bench.make_spec(bench.parse_args("--workload lora8b --shape tiny".split()))
+    spec.ckpt_layers = 0
+    vocab = bench.model_config(spec).vocab_size
+    losses = {}
+    for name in ("llamaforge", "llamaforge-graph"):
+        torch.manual_seed(0)
+        trainee = bench.llamaforge_trainee(spec, bench.STACKS[name], torch.device("cpu"))
+        gen = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, vocab, (spec.bs, spec.seq), generator=gen) for _ in range(3)]
+        losses[name] = [float(trainee.step(ids)) for ids in batches]
+    assert "one CUDA graph" in trainee.notes
+    assert losses["llamaforge-graph"] == pytest.approx(losses["llamaforge"], rel=1e-5)
+    spec.ckpt_layers = None
+    with pytest.raises(SystemExit, match="without checkpointing"):
+        bench.llamaforge_trainee(spec, bench.STACKS["llamaforge-graph"], torch.device("cpu"))
 
 
 def test_train_throughput_sweep_stops_a_stack_after_out_of_memory(monkeypatch, capsys):
