@@ -25,6 +25,8 @@
 #   graph8b 8B LoRA and QLoRA with every block kept (the `auto` plan on an 80 GB card) as
 #           eager steps and as one captured step each (`llamaforge-graph`): the >= 18,000
 #           tok/s LoRA cell, where the eager no-recompute step leaves launch gaps
+#   budget  8B LoRA under a 16.7 GB plan and QLoRA under 7.0 GB (Unsloth's peaks): the plan
+#           offloads only as many checkpointed inputs as it needs (`activation_offload_layers`)
 #   dpo     DPO on 8B LoRA: shared-prompt rows, two rows a pair, TRL DPOTrainer + peft
 #   inbw    1B full fine-tuning with AdamW applied inside the backward (optim.step_in_backward:
 #           gradients freed as applied) against the default, then under a 10 GB budget plan
@@ -155,6 +157,12 @@ graph8b)
     --steps 6 --warmup 2
   tp graph_qlora8b 200 --workload qlora8b --stacks llamaforge,llamaforge-graph --ckpt-layers 0 \
     --steps 6 --warmup 2
+  ;;
+budget)
+  tp budget_lora8b 150 --workload lora8b --stacks llamaforge --memory-budget 16.7 \
+    --steps 4 --warmup 2
+  tp budget_qlora8b 150 --workload qlora8b --stacks llamaforge --memory-budget 7.0 \
+    --steps 4 --warmup 2
   ;;
 dpo)
   # shared-prompt DPO and RM rows against two rows and TRL (trl, datasets wheels on PYTHONPATH)
