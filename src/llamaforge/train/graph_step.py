@@ -255,6 +255,9 @@ class PackedGraphStep:
         # its AccumulateGrad nodes (and the stream they were made on) alive into the capture
         gc.collect()
         self.warm_up()
+        # the warm-up's freed activations sit in the allocator's ordinary pool; hand them
+        # back so that the capture's private pool can take that memory instead of doubling it
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._body()
