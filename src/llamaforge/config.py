@@ -112,7 +112,9 @@ class LoraConfig:
 
     r: int = _f(16, AT_LEAST_1)
     alpha: float = _f(32.0, POSITIVE)
-    dropout: float = _f(0.05, FRACTION)
+    # 0 as in peft's LoraConfig, Unsloth and LLaMA-Factory; it also lets `cuda_graph: auto`
+    # capture the step (a run with dropout trains eagerly)
+    dropout: float = _f(0.0, FRACTION)
     targets: list[str] = _f(DEFAULT_TARGETS, NON_EMPTY)
     rslora: bool = False
 
