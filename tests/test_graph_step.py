@@ -278,6 +278,10 @@ def test_auto_captures_on_a_gpu_only_what_has_been_measured(tmp_path):
 
     model = trainee()
     assert TrainConfig().cuda_graph == "auto"  # the default: measured in a whole GPU run
+    raw = _raw(tmp_path, Path("base"), "x")  # full and freeze runs keep eager steps
+    assert config_from_dict(raw).train_config().cuda_graph == "auto"
+    for method in ("full", "freeze"):
+        assert config_from_dict({**raw, "method": method}).train_config().cuda_graph is False
     assert not decide(model, gpu=False)
     assert decide(model)
     assert not decide(model, optim=OptimConfig(grad_accum=2))

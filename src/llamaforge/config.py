@@ -396,7 +396,10 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         """The loop's view of this run."""
         names = [f.name for f in dataclasses.fields(TrainConfig)]
-        return TrainConfig(**{n: getattr(self, n) for n in names})
+        tcfg = TrainConfig(**{n: getattr(self, n) for n in names})
+        if self.cuda_graph == "auto" and self.method not in ("lora", "qlora"):
+            tcfg.cuda_graph = False  # captured steps are measured for adapters only
+        return tcfg
 
 
 # ---------------------------------------------------------------- loading
