@@ -25,6 +25,8 @@
 #   graph8b 8B LoRA and QLoRA with every block kept (the `auto` plan on an 80 GB card) as
 #           eager steps and as one captured step each (`llamaforge-graph`): the >= 18,000
 #           tok/s LoRA cell, where the eager no-recompute step leaves launch gaps
+#   graphckpt 8B LoRA and QLoRA with every block checkpointed (the default plan's shape at
+#           Unsloth's memory), eager and captured with the recompute inside the graph
 #   budget  8B LoRA under a 16.7 GB plan and QLoRA under 7.0 GB (Unsloth's peaks): the plan
 #           offloads only as many checkpointed inputs as it needs (`activation_offload_layers`)
 #   dpo     DPO on 8B LoRA: shared-prompt rows, two rows a pair, TRL DPOTrainer + peft
@@ -156,6 +158,12 @@ graph8b)
   tp graph_lora8b 200 --workload lora8b --stacks llamaforge,llamaforge-graph --ckpt-layers 0 \
     --steps 6 --warmup 2
   tp graph_qlora8b 200 --workload qlora8b --stacks llamaforge,llamaforge-graph --ckpt-layers 0 \
+    --steps 6 --warmup 2
+  ;;
+graphckpt)
+  tp graphckpt_lora8b 200 --workload lora8b --stacks llamaforge,llamaforge-graph \
+    --steps 6 --warmup 2
+  tp graphckpt_qlora8b 200 --workload qlora8b --stacks llamaforge,llamaforge-graph \
     --steps 6 --warmup 2
   ;;
 budget)

@@ -91,6 +91,7 @@ class Stack:
     dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
     in_backward: bool = False  # `optim.step_in_backward`: AdamW per tensor in the backward
     graph: bool = False  # each step one replayed CUDA graph (`cuda_graph`, LoRA/QLoRA)
+    host_embeddings: bool = False  # the input table in host memory (`embeddings_on_host`)
 
 
 STACKS = {
@@ -110,6 +111,12 @@ STACKS = {
     ),
     "llamaforge-graph": Stack(
         "llamaforge, each step one CUDA graph (rows as packed one-document rows)", graph=True
+    ),
+    "llamaforge-host": Stack("llamaforge, input embeddings in host memory", host_embeddings=True),
+    "llamaforge-graph-host": Stack(
+        "llamaforge, each step one CUDA graph, input embeddings in host memory",
+        graph=True,
+        host_embeddings=True,
     ),
     "llamaforge-fsdp2": Stack("llamaforge, FSDP2 at world size 1", dist="fsdp2"),
     "llamaforge-ddp": Stack("llamaforge, DDP at world size 1", dist="ddp"),
@@ -151,6 +158,7 @@ class Spec:
     profile: bool = False  # llamaforge stacks: profile one more step, report the top ops
     ckpt_layers: int | None = None  # llamaforge stacks: checkpoint only the first N blocks
     memory_budget: str | None = None  # llamaforge stacks: GB or auto, the recipe's plan
+    host_embeddings: bool = False  # llamaforge stacks: the input table in host memory
     hf_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -429,6 +437,12 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
             model.checkpoint_layers = plan.checkpointed
             model.offload_activations = plan.offload
             model.offload_layers = plan.offloaded if plan.offload else None
+    host = spec.host_embeddings or stack.host_embeddings
+    if host or (plan is not None and plan.host_embeddings):
+        try:
+            model.keep_embeddings_on_host()  # what `embeddings_on_host` makes the loop do
+        except ValueError as e:
+            raise SystemExit(f"--host-embeddings: {e}") from None
     notes = {
         "lora": f"{dtype_name(dtype)} base, fp32 LoRA",
         "qlora": f"llamaforge NF4+DQ base, {dtype_name(compute)} compute, fp32 LoRA",
@@ -440,6 +454,8 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
         kernels = "plain PyTorch (the kernels are CUDA-only), chunked CE"
     if model.offload_activations:
         kernels += ", checkpoints in CPU memory"
+    if model.embeddings_on_host and (plan is None or not plan.host_embeddings):
+        kernels += ", input embeddings in host memory"
     if spec.ckpt_layers is not None:
         n = min(spec.ckpt_layers, len(model.layers))
         kernels += f", {n} of {len(model.layers)} blocks checkpointed"
@@ -456,9 +472,9 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
     updated by one Triton kernel per parameter); `llamaforge-fp32` keeps fp32 master weights
     and states, `llamaforge-bf16` bf16 ones updated by the unfused PyTorch ops;
     `llamaforge-offload` keeps the checkpointed layer inputs in CPU memory (long context).
-    `llamaforge-graph` (LoRA/QLoRA, no block checkpointed: `--ckpt-layers 0` or a
-    `--memory-budget` that keeps every block) runs each step through the loop's captured
-    step (`train/graph_step.py`, what `cuda_graph` does), each random row one packed document.
+    `llamaforge-graph` (LoRA/QLoRA, no activation offload) runs each step through the
+    loop's captured step (`train/graph_step.py`, what `cuda_graph` does), each random row one
+    packed document; checkpointed blocks (`--ckpt-layers`) are recomputed inside the graph.
     The feed-forward runs over 16,384-token slices past that many tokens, the loop's default.
     """
     from llamaforge.adapters.inject import parameter_counts
@@ -512,12 +528,12 @@ def graph_trainee(model, opt, params, spec: Spec, precision: str, notes: str) ->
 
     if spec.method == "full":
         raise SystemExit("llamaforge-graph trains LoRA or QLoRA (a frozen head)")
+    if model.gradient_checkpointing and model.offload_activations:
+        raise SystemExit("llamaforge-graph captures no CPU copies: a plan without offload")
     if model.gradient_checkpointing and model.checkpoint_layers != 0:
-        raise SystemExit(
-            "llamaforge-graph captures steps without checkpointing: --ckpt-layers 0, or a "
-            "--memory-budget whose plan keeps every block"
-        )
-    model.gradient_checkpointing = False
+        notes += "; checkpointed blocks recomputed inside the graph"
+    else:
+        model.gradient_checkpointing = False
     graphed = PackedGraphStep(
         model, opt, params, rows=spec.bs, seq_len=spec.seq, max_grad_norm=1.0,
         autocast_dtype=autocast_dtype(precision), labels=spec.bs * spec.seq,
@@ -1087,6 +1103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="llamaforge stacks: GB (or auto) for the recipe's memory plan, which then picks "
         "the checkpointed blocks (its line goes into the row's notes)",
     )
+    p.add_argument(
+        "--host-embeddings",
+        action="store_true",
+        help="llamaforge LoRA/QLoRA stacks: keep the input embedding table in host memory",
+    )
     p.add_argument("--verbose", action="store_true", help="show the children's stderr")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -1109,6 +1130,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_budget is not None and args.ckpt_layers is not None:
         raise SystemExit("--memory-budget chooses the checkpointed blocks: drop --ckpt-layers")
     spec.memory_budget = args.memory_budget
+    spec.host_embeddings = args.host_embeddings
     stacks = resolve_stacks(args.stacks, spec.method)
     if seqs:
         return sweep_main(spec, stacks, seqs, args)

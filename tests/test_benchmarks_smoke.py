@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -103,25 +104,28 @@ def test_train_throughput_tiny(tmp_path):
 
 
 def test_train_throughput_graph_stack_trains_what_the_plain_step_trains():
-    """`llamaforge-graph` (the captured step; eager on the CPU) against `llamaforge`, both
-    without checkpointing, same weights and tokens: the same per-step losses; with blocks
-    checkpointed it refuses (captures are measured without)."""
+    """`llamaforge-graph` (the captured step; eager on the CPU) against `llamaforge`, same
+    weights and tokens: the same per-step losses, with every block kept or every block
+    recomputed (inside the graph on a GPU); with checkpoints offloaded it refuses."""
     bench = _script("train_throughput")
     spec = bench.make_spec(bench.parse_args("--workload lora8b --shape tiny".split()))
-    spec.ckpt_layers = 0
     vocab = bench.model_config(spec).vocab_size
-    losses = {}
-    for name in ("llamaforge", "llamaforge-graph"):
-        torch.manual_seed(0)
-        trainee = bench.llamaforge_trainee(spec, bench.STACKS[name], torch.device("cpu"))
-        gen = torch.Generator().manual_seed(1)
-        batches = [torch.randint(0, vocab, (spec.bs, spec.seq), generator=gen) for _ in range(3)]
-        losses[name] = [float(trainee.step(ids)) for ids in batches]
-    assert "one CUDA graph" in trainee.notes
-    assert losses["llamaforge-graph"] == pytest.approx(losses["llamaforge"], rel=1e-5)
-    spec.ckpt_layers = None
-    with pytest.raises(SystemExit, match="without checkpointing"):
-        bench.llamaforge_trainee(spec, bench.STACKS["llamaforge-graph"], torch.device("cpu"))
+    for ckpt in (0, None):
+        spec.ckpt_layers = ckpt
+        losses = {}
+        for name in ("llamaforge", "llamaforge-graph"):
+            torch.manual_seed(0)
+            trainee = bench.llamaforge_trainee(spec, bench.STACKS[name], torch.device("cpu"))
+            gen = torch.Generator().manual_seed(1)
+            batches = [torch.randint(0, vocab, (spec.bs, spec.seq), generator=gen)
+                       for _ in range(3)]  # fmt: skip
+            losses[name] = [float(trainee.step(ids)) for ids in batches]
+        assert "one CUDA graph" in trainee.notes
+        assert ("recomputed inside the graph" in trainee.notes) == (ckpt is None)
+        assert losses["llamaforge-graph"] == pytest.approx(losses["llamaforge"], rel=1e-5)
+    with pytest.raises(SystemExit, match="no CPU copies"):
+        offloaded = dataclasses.replace(bench.STACKS["llamaforge-graph"], offload=True)
+        bench.llamaforge_trainee(spec, offloaded, torch.device("cpu"))
 
 
 def test_train_throughput_sweep_stops_a_stack_after_out_of_memory(monkeypatch, capsys):

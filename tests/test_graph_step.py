@@ -153,13 +153,46 @@ def test_batches_that_do_not_fit_and_a_trained_head_are_refused():
         PackedGraphStep(model, opt, params, rows=1, seq_len=8, max_grad_norm=1.0)
 
 
+def test_checkpointed_blocks_train_the_same_in_the_static_step():
+    """Blocks recomputed in the backward (what a captured step on a large model does to fit
+    its memory) change nothing; with dropout or CPU offload such a step is refused."""
+    base = trainee()
+    batches = packed_batches(3, base.cfg.vocab_size, seed=2)
+    cfg = OptimConfig(lr=5e-3)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    want = loop_run(a, batches, cfg)
+    b.gradient_checkpointing = True
+    got = graph_run(b, batches, cfg, warm=True, capture=False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    params = [p for p in b.parameters() if p.requires_grad]
+    opt = build_optimizer(b, cfg)
+    b.offload_activations = True
+    with pytest.raises(ValueError, match="offload"):
+        PackedGraphStep(b, opt, params, rows=1, seq_len=8, max_grad_norm=1.0)
+    drop = random_model("tiny-llama3")
+    apply_lora(drop, r=4, alpha=8, dropout=0.1)
+    drop.gradient_checkpointing = True
+    params = [p for p in drop.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="dropout"):
+        PackedGraphStep(drop, build_optimizer(drop, cfg), params, rows=1, seq_len=8,
+                        max_grad_norm=1.0)  # fmt: skip
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_replay_equals_the_eager_step():
+@pytest.mark.parametrize("variant", ["plain", "checkpointing", "host_embeddings"])
+def test_captured_replay_equals_the_eager_step(variant):
+    """Captured against eager; blocks recomputed inside the graph, or the input embedding
+    table in host memory (rows gathered by the host into the graph's static buffer)."""
     base = trainee("cuda")
+    base.gradient_checkpointing = variant == "checkpointing"
     batches = packed_batches(5, base.cfg.vocab_size)
     cfg = OptimConfig(lr=5e-3, schedule="cosine", warmup_steps=1)
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     kw = {"autocast_dtype": torch.bfloat16}
+    if variant == "host_embeddings":
+        b.keep_embeddings_on_host()
+        assert b.embeddings_on_host
     want = graph_run(a, batches, cfg, warm=False, capture=False, **kw)
     got = graph_run(b, batches, cfg, warm=False, capture=True, **kw)
     torch.testing.assert_close(got[0], want[0], rtol=2e-3, atol=2e-3)

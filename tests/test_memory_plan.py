@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,14 @@ from llamaforge.adapters import add_adapter
 from llamaforge.cli import main
 from llamaforge.config import ConfigError, config_from_dict
 from llamaforge.errors import UserError
-from llamaforge.train.memory_plan import GB, HEADROOM, block_costs, choose, fixed_bytes
+from llamaforge.train.memory_plan import (
+    GB,
+    HEADROOM,
+    block_costs,
+    choose,
+    fixed_bytes,
+    movable_embedding_bytes,
+)
 from tests.helpers import random_model, tiny_hf_folder
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -47,6 +55,40 @@ def test_choose_keeps_as_many_blocks_as_fit():
     tried = choose(int(fixed / (1 - HEADROOM)), fixed, keep, ckpt, n, strict=False)
     assert tried.offload and tried.checkpointed == n and not tried.fits
     assert "over the budget even so" in tried.describe()
+
+
+def test_the_embeddings_move_to_the_host_before_any_input_is_offloaded():
+    fixed, keep, ckpt, n, embed = 1000 * MB, 100 * MB, 10 * MB, 8, 200 * MB
+    every = fixed + n * ckpt + 2 * keep  # every block checkpointed, embeddings on the device
+    fits = choose(int(every / (1 - HEADROOM)) + 1, fixed, keep, ckpt, n, embed=embed)
+    assert fits.checkpointed == n and not fits.host_embeddings and not fits.offload
+    # short of that: the table (200 MB) moves, no input is offloaded, and the room it leaves
+    # keeps two blocks' activations (90 MB more each than a checkpointed input)
+    moved = choose(int((every - 1) / (1 - HEADROOM)), fixed, keep, ckpt, n, embed=embed)
+    assert moved.host_embeddings and not moved.offload and moved.checkpointed == n - 2
+    assert moved.estimate == every - embed + 2 * (keep - ckpt)
+    assert "input embeddings in host memory" in moved.describe()
+    # short even with it moved: inputs offloaded too, as few as fit
+    both = choose(int((every - embed - 1) / (1 - HEADROOM)), fixed, keep, ckpt, n, embed=embed)
+    assert both.host_embeddings and both.offload and both.offloaded == 1
+    # nothing movable (embed=0): straight to offloading, as before
+    assert not choose(int((every - 1) / (1 - HEADROOM)), fixed, keep, ckpt, n).host_embeddings
+
+
+def test_only_a_frozen_untied_table_off_the_host_is_movable():
+    with torch.device("meta"):  # a device other than the CPU, without one
+        model = random_model("tiny-llama3")
+        tied = random_model("tiny-smollm2")
+    table = model.embed_tokens.weight
+    model.embed_tokens.weight.requires_grad_(False)
+    assert movable_embedding_bytes(model) == table.numel() * table.element_size()
+    model.embed_tokens.weight.requires_grad_(True)  # trained (full fine-tuning)
+    assert movable_embedding_bytes(model) == 0
+    tied.embed_tokens.weight.requires_grad_(False)
+    assert movable_embedding_bytes(tied) == 0  # the output head reads it
+    on_cpu = random_model("tiny-llama3")
+    on_cpu.embed_tokens.weight.requires_grad_(False)
+    assert movable_embedding_bytes(on_cpu) == 0  # already there
 
 
 def test_fixed_bytes_counts_weights_grads_and_adam_states():
@@ -142,6 +184,13 @@ def test_config_key():
         config_from_dict({**base, "memory_budget_gb": 8, "activation_checkpointing": True})
     with pytest.raises(ConfigError, match="not ppo"):
         config_from_dict({**base, "memory_budget_gb": 8, "stage": "ppo"})
+    with pytest.raises(ConfigError, match="embeddings_on_host.*memory_budget_gb"):
+        config_from_dict({**base, "memory_budget_gb": 8, "embeddings_on_host": True})
+    assert config_from_dict({**base, "embeddings_on_host": True}).embeddings_on_host
+    with pytest.raises(ConfigError, match="embeddings_on_host.*full fine-tuning trains them"):
+        config_from_dict({**base, "embeddings_on_host": True, "method": "full"})
+    with pytest.raises(ConfigError, match="embeddings_on_host.*one process"):
+        config_from_dict({**base, "embeddings_on_host": True, "distributed": {"strategy": "ddp"}})
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +206,7 @@ def _train(tmp_path: Path, base: Path, name: str, capsys, **extra) -> tuple[dict
         "data": {"path": str(FIX / "alpaca.json"), "format": "alpaca", "cache_dir": str(tmp_path),
                  "max_seq_len": 256, "packing": True},
         "output_dir": str(out),
+        "device": "cpu",  # the block costs above are the CPU's (fp32): the plan's too
         "max_steps": 2,
         "optim": {"lr": 0.01, "batch_size": 2},
         "logging": {"tensorboard": False, "plot": False},
@@ -209,21 +259,28 @@ def test_a_budget_under_every_block_checkpointed_offloads_the_first_inputs(
     assert done["steps"] == 2
 
 
-def test_a_budget_too_small_stops_before_training(tmp_path, base_dir, capsys):
+def _refused(tmp_path: Path, model: Path, name: str, capsys, **extra) -> str:
+    """A one-step run that must stop with exit code 2 before any checkpoint: its stderr."""
     raw = {
-        "model": str(base_dir),
+        "model": str(model),
         "method": "full",
         "data": {"path": str(FIX / "alpaca.json"), "format": "alpaca", "cache_dir": str(tmp_path)},
-        "output_dir": str(tmp_path / "small"),
+        "output_dir": str(tmp_path / name),
         "max_steps": 1,
-        "memory_budget_gb": 1e-6,
+        **extra,
     }
-    path = tmp_path / "small.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "memory_budget_gb" in err and "Traceback" not in err
-    assert not (tmp_path / "small" / "checkpoints").exists()
+    assert "Traceback" not in err
+    assert not (tmp_path / name / "checkpoints").exists()
+    return err
+
+
+def test_a_budget_too_small_stops_before_training(tmp_path, base_dir, capsys):
+    err = _refused(tmp_path, base_dir, "small", capsys, memory_budget_gb=1e-6)
+    assert "memory_budget_gb" in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory needs CUDA")
@@ -286,3 +343,39 @@ def test_head_bytes_follow_the_loss_path():
     assert head_bytes(model, rows, tokens) < trained - vocab * dim * 4 + 1
     model.set_kernels(Kernels(fused_ce=False))  # checkpointed chunks instead
     assert head_bytes(model, rows, tokens) == min(n, 1024) * vocab * (4 + size)
+
+
+def test_embeddings_on_host_by_hand_and_where_it_cannot_be(tmp_path, base_dir, capsys):
+    """`embeddings_on_host: true` trains (on the CPU the table is already there); a model
+    whose head reads the table is a one-line error naming the key, before any step."""
+    done, _, _ = _train(tmp_path, base_dir, "host", capsys, method="lora", embeddings_on_host=True)
+    assert done["steps"] == 2
+    tied = tmp_path / "tied"
+    from llamaforge.io.hf import save_hf
+
+    save_hf(random_model("tiny-llama3", tie_embeddings=True), tied)
+    shutil.copy(base_dir / "tokenizer.json", tied / "tokenizer.json")
+    err = _refused(tmp_path, tied, "tied_out", capsys, method="lora", embeddings_on_host=True)
+    assert "embeddings_on_host" in err and "tied" in err
+
+
+def test_a_table_on_the_host_gives_the_same_logits_and_gradients_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("the host/device split needs a GPU")
+    base = random_model("tiny-llama3", seed=5).cuda()
+    base.embed_tokens.weight.requires_grad_(False)
+    moved = random_model("tiny-llama3", seed=5).cuda()
+    moved.embed_tokens.weight.requires_grad_(False)
+    before = torch.cuda.memory_allocated()
+    moved.keep_embeddings_on_host()
+    table = moved.embed_tokens.weight
+    assert moved.embeddings_on_host and table.is_pinned() and moved.device.type == "cuda"
+    assert torch.cuda.memory_allocated() == before - table.numel() * table.element_size()
+    ids = torch.randint(0, 256, (2, 24), device="cuda")
+    a, b = base(ids), moved(ids)
+    torch.testing.assert_close(b, a)
+    a.float().square().mean().backward()
+    b.float().square().mean().backward()
+    for (n, p), q in zip(base.named_parameters(), moved.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, msg=n)

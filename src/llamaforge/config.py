@@ -335,6 +335,8 @@ class TrainConfig:
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     # With checkpointing, a batch of more tokens runs each feed-forward over slices this size
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
+    # a frozen, untied input embedding table kept in host memory (rows gathered there)
+    embeddings_on_host: bool = False
     # packed LoRA/QLoRA pt/sft: each step one replayed CUDA graph (train/graph_step.py);
     # auto (the default): where the run qualifies (see RunConfig.cuda_graph)
     cuda_graph: bool | Literal["auto"] = "auto"
@@ -363,6 +365,10 @@ class RunConfig:
     activation_offload_layers: int | None = _f(None, NON_NEGATIVE)
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
+    # Keep a frozen, untied input embedding table (LoRA/QLoRA/freeze of Llama-3.1-8B: 1.05
+    # GB) in host memory: each step's rows are gathered there and copied over. The memory
+    # plan turns it on when every block is checkpointed and the run still does not fit
+    embeddings_on_host: bool = False
     # Packed LoRA/QLoRA pt or sft in one process: capture each step (forward, backward,
     # clipping, AdamW) once as a CUDA graph and replay it: no per-kernel host work, which
     # bounds small models (train/graph_step.py; eager on the CPU). auto: on a GPU where
@@ -688,12 +694,19 @@ def _cuda_graph_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
 def _run_checks(cfg: RunConfig, origins: _Origins) -> None:
     """Rules of a whole run: data splits, and stages with the data they need."""
     if cfg.memory_budget_gb not in (None, "auto"):  # a budget the user gave: check its use
-        for key in ("activation_checkpointing", "activation_offload", "activation_offload_layers"):
+        hand = (
+            "activation_checkpointing",
+            "activation_offload",
+            "activation_offload_layers",
+            "embeddings_on_host",
+        )
+        for key in hand:
             if getattr(cfg, key) not in (False, None):
                 raise origins.error(
                     key,
                     f"key '{key}' and key 'memory_budget_gb' both set: the budget chooses the "
-                    "checkpointed and offloaded blocks itself; drop one of them",
+                    "checkpointed and offloaded blocks and the embeddings' place itself; drop "
+                    "one of them",
                 )
         if cfg.stage in ("ppo", "rs"):
             raise origins.error(
@@ -706,6 +719,13 @@ def _run_checks(cfg: RunConfig, origins: _Origins) -> None:
                 "key 'memory_budget_gb': one process only for now (the plan does not model "
                 f"{cfg.distributed.strategy}'s sharding)",
             )
+    if cfg.embeddings_on_host and (
+        cfg.method == "full" or cfg.distributed.strategy in ("fsdp2", "ddp")
+    ):
+        why = "full fine-tuning trains them" if cfg.method == "full" else "one process only"
+        raise origins.error(
+            "embeddings_on_host", f"key 'embeddings_on_host: true' cannot be used: {why}"
+        )
     if cfg.data.val_size + cfg.data.test_size >= 1:
         raise origins.error("data.test_size", "keys 'data.val_size' + 'data.test_size' must be < 1")
     pairs = cfg.data.format in PAIR_FORMATS

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..losses import reward_scores
+from ..model.llama import compute_device
 from ..train.batches import collate_pairs
 
 
@@ -40,7 +41,7 @@ def score_pairs(
     model: nn.Module, examples: Sequence[dict], *, pad_id: int, batch_size: int = 8
 ) -> PairScores:
     """Reward of both answers of every tokenized pair (batches of 2B rows, one forward)."""
-    device = next(model.parameters()).device
+    device = compute_device(model)
     out = PairScores()
     for s in tqdm(range(0, len(examples), batch_size), desc="score", leave=False):
         part = examples[s : s + batch_size]
@@ -96,7 +97,7 @@ def score_answers(
         )
         for p, a in zip(prompts, answers, strict=True)
     ]
-    device = next(model.parameters()).device
+    device = compute_device(model)
     pad = tok.pad_id if tok.pad_id is not None else 0
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding per batch
     out = [0.0] * len(seqs)

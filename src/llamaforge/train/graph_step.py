@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..errors import NonFiniteLossError
 from ..kernels.fused_ce import linear_cross_entropy
 from ..losses import IGNORE_INDEX
-from ..model.llama import Segments, document_causal_mask
+from ..model.llama import Segments, compute_device, document_causal_mask
 from .batches import PAD_VALUES
 
 # pad values of the static buffers: `train.batches.collate`'s (pad tokens weigh nothing and
@@ -87,10 +87,18 @@ class PackedGraphStep:
         head = getattr(model, "lm_head", None)
         if not isinstance(head, nn.Linear) or head.weight.requires_grad:
             raise ValueError("PackedGraphStep needs a frozen lm_head (LoRA or QLoRA training)")
+        if getattr(model, "gradient_checkpointing", False):  # blocks recomputed in the graph
+            if getattr(model, "offload_activations", False):
+                raise ValueError("PackedGraphStep cannot offload activations (no CPU copies)")
+            if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+                raise ValueError(
+                    "PackedGraphStep cannot recompute blocks with dropout (a replay draws "
+                    "new masks): set the dropout to 0 or turn checkpointing off"
+                )
         self.model, self.optimizer, self.params = model, optimizer, params
         self.rows, self.seq_len, self.max_grad_norm = rows, seq_len, max_grad_norm
         self.autocast_dtype = autocast_dtype
-        self.device = next(model.parameters()).device
+        self.device = compute_device(model)
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError("PackedGraphStep(capture=True) needs the model on CUDA")
@@ -101,6 +109,16 @@ class PackedGraphStep:
             for k, v in _PAD.items()
             if k != "labels"
         }
+        # a frozen input embedding table in host memory (on the CPU: always) is read there:
+        # the batch's rows are gathered into a pinned buffer and copied into a static one
+        table = model.embed_tokens.weight
+        self.embeds: Tensor | None = None
+        if table.device.type == "cpu" and not table.requires_grad:  # a trained one: no
+            cuda = dev.type == "cuda"
+            self.embeds = torch.zeros(*shape, table.shape[1], dtype=table.dtype, device=dev)
+            self.staging = torch.empty(rows * seq_len, table.shape[1], dtype=table.dtype,
+                                       pin_memory=cuda)  # fmt: skip
+            self.copied = torch.cuda.Event() if cuda else None
         # the labelled positions, gathered so the head and its loss skip the others (~60%
         # of a chat row's positions are prompt or padding): static buffers of a capacity
         # that grows, and captures again, when a batch has more labels than room
@@ -165,6 +183,14 @@ class PackedGraphStep:
         cu[: starts.numel()] = starts.to(torch.int32)
         for key, buf in self.buf.items():
             buf.copy_(host[key])
+        if self.embeds is not None:
+            if self.copied is not None:
+                self.copied.synchronize()  # the last batch's rows have left the staging buffer
+            table = self.model.embed_tokens.weight
+            torch.index_select(table, 0, host["input_ids"].flatten(), out=self.staging)
+            self.embeds.copy_(self.staging.view_as(self.embeds), non_blocking=True)
+            if self.copied is not None:
+                self.copied.record()
         self.label_at.copy_(at)
         self.target.copy_(target)
         self.weight.copy_(weight)
@@ -197,7 +223,9 @@ class PackedGraphStep:
                 mask: Tensor | Segments = Segments(self.cu, self.seq_len)
             else:
                 mask = document_causal_mask(buf["doc_ids"])
-            hidden = model.hidden_states(buf["input_ids"], positions=buf["positions"], mask=mask)
+            hidden = model.hidden_states(
+                buf["input_ids"], positions=buf["positions"], mask=mask, embeds=self.embeds
+            )
             h = hidden.flatten(0, 1).index_select(0, self.label_at)  # (capacity, C)
             w = model.lm_head.weight
             nll = linear_cross_entropy(h, w, self.target, None, self.fused_ce, True)

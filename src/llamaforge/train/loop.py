@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..config import TrainConfig, validate
 from ..errors import NonFiniteLossError, UserError
 from ..losses import chunked_causal_lm_loss_fn, count_label_tokens
+from ..model.llama import compute_device
 from .batches import FILLER, Batch, BatchSource
 from .checkpoint import (
     Stateful,
@@ -121,8 +122,25 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _embeddings_to_host(model: nn.Module) -> None:
+    """`embeddings_on_host: true`: the frozen input table to host memory, or a config error."""
+    move = getattr(model, "keep_embeddings_on_host", None)
+    why = None
+    if move is None:
+        why = f"{type(model).__name__} has no input embedding table to move"
+    elif world_size() > 1:
+        why = "one process only (torchrun found)"
+    else:
+        try:
+            move()
+        except ValueError as e:
+            why = str(e)
+    if why is not None:
+        raise UserError(f"key 'embeddings_on_host: true' cannot be used: {why}")
+
+
 def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return compute_device(model)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -656,7 +674,7 @@ class _Loop:
         if not math.isfinite(stats.loss):
             self.optimizer.zero_grad(set_to_none=True)
             return self._skip("nonfinite_loss", stats.loss)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # a device tensor after a failed capture
         norm, applied = optimizer_step(
             self.optimizer,
             self.scheduler,
@@ -795,6 +813,8 @@ def train(
             model.checkpoint_layers = cfg.activation_checkpointing_layers
         if hasattr(model, "set_mlp_chunk"):
             model.set_mlp_chunk(cfg.mlp_chunk_tokens)
+    if cfg.embeddings_on_host:
+        _embeddings_to_host(model)
     main = is_main_process() if is_main is None else is_main
     loop = _Loop(
         model,

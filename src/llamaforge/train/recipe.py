@@ -179,7 +179,8 @@ def planned_train_config(
     tcfg = cfg.train_config()
     setting = cfg.memory_budget_gb
     auto = setting == "auto"
-    if setting is None or auto and (cfg.activation_checkpointing or cfg.activation_offload):
+    hand = cfg.activation_checkpointing or cfg.activation_offload or cfg.embeddings_on_host
+    if setting is None or auto and hand:
         return tcfg  # no plan, or settings given by hand win over the default one
     if distributed.world_size() > 1:
         if auto:
@@ -205,6 +206,7 @@ def planned_train_config(
         activation_checkpointing_layers=k if 0 < k < plan.n_layers else None,
         activation_offload=plan.offload,
         activation_offload_layers=m if 0 < m < k else None,
+        embeddings_on_host=plan.host_embeddings,
     )
 
 

@@ -33,6 +33,7 @@ from ..losses import (
     reward_loss_fn,
     sequence_logps,
 )
+from ..model.llama import compute_device
 from .batches import Batch, collate, collate_pairs, collate_shared_pairs
 from .loop import LossFn, autocast_context, resolve_precision
 
@@ -114,7 +115,7 @@ def precompute_reference(
 
     was = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = compute_device(model)
     try:
         starts = range(0, len(examples), batch_size)
         for s in tqdm(starts, desc="reference log-probs", leave=False):
@@ -215,7 +216,7 @@ def _dpo_before_train(model: nn.Module, cfg: RunConfig, splits: Any, pad_id: int
     """
     if not uses_precomputed_reference(cfg):
         return
-    device = next(model.parameters()).device
+    device = compute_device(model)
     path = reference_cache_file(cfg, reference_cache_key(cfg, splits, device))
     if _load_reference(path, splits):
         print(f"reference log-probs from cache {path}", file=sys.stderr)
