@@ -92,6 +92,7 @@ class Stack:
     in_backward: bool = False  # `optim.step_in_backward`: AdamW per tensor in the backward
     graph: bool = False  # each step one replayed CUDA graph (`cuda_graph`, LoRA/QLoRA)
     host_embeddings: bool = False  # the input table in host memory (`embeddings_on_host`)
+    compiled: bool = False  # every block through torch.compile (inductor), one graph a block
 
 
 STACKS = {
@@ -111,6 +112,12 @@ STACKS = {
     ),
     "llamaforge-graph": Stack(
         "llamaforge, each step one CUDA graph (rows as packed one-document rows)", graph=True
+    ),
+    "llamaforge-compile": Stack("llamaforge, each block torch.compile'd", compiled=True),
+    "llamaforge-compile-plain": Stack(
+        "llamaforge, each block torch.compile'd over the plain PyTorch ops (inductor fuses)",
+        plain=True,
+        compiled=True,
     ),
     "llamaforge-host": Stack("llamaforge, input embeddings in host memory", host_embeddings=True),
     "llamaforge-graph-host": Stack(
@@ -456,6 +463,14 @@ def llamaforge_model(spec: Spec, stack: Stack, dev: torch.device):
         kernels += ", checkpoints in CPU memory"
     if model.embeddings_on_host and (plan is None or not plan.host_embeddings):
         kernels += ", input embeddings in host memory"
+    if stack.compiled and dev.type == "cuda":
+        from torch import _dynamo
+
+        # one compiled graph serves every block; each block object may guard once more
+        _dynamo.config.cache_size_limit = max(64, 2 * len(model.layers))
+        for layer in model.layers:
+            layer.compile(dynamic=False)
+        kernels += ", each block torch.compile'd"
     if spec.ckpt_layers is not None:
         n = min(spec.ckpt_layers, len(model.layers))
         kernels += f", {n} of {len(model.layers)} blocks checkpointed"
