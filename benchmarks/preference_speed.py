@@ -44,6 +44,7 @@ import train_throughput as tt  # noqa: E402  (the shapes, model set-up and child
 STACKS = {
     "llamaforge-dpo": ("dpo", "llamaforge"),
     "llamaforge-dpo-two-rows": ("dpo", "llamaforge, dpo.shared_prompt false"),
+    "llamaforge-dpo-host": ("dpo", "llamaforge, input embeddings in host memory"),
     "trl-dpo": ("dpo", "TRL DPOTrainer + peft"),
     "trl-dpo-liger": ("dpo", "TRL DPOTrainer + peft + Liger kernels"),
     "llamaforge-rm": ("rm", "llamaforge"),
@@ -97,6 +98,9 @@ def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -
     if stage.prepare is not None:  # the reward head (trainable: added after the frozen base)
         stage.prepare(model, cfg)
         model.to(dev)
+    if name.endswith("-host"):  # `embeddings_on_host: true`, as the loop applies it
+        model.keep_embeddings_on_host()
+        notes += "; input embeddings in host memory"
     loss_fn = stage.loss(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, OptimConfig(lr=LR))

@@ -381,3 +381,27 @@ def test_a_table_on_the_host_gives_the_same_logits_and_gradients_on_cuda():
     for (n, p), q in zip(base.named_parameters(), moved.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the table moves off a GPU only")
+def test_a_gpu_run_with_the_table_on_the_host_trains_and_saves_the_same(tmp_path, base_dir, capsys):
+    """`llamaforge train` on CUDA with `embeddings_on_host: true`: the same per-step losses as
+    the table on the device (the same rows reach the model), evaluation and the merged
+    output still work, and the saved model equals the other run's."""
+    from safetensors.torch import load_file
+
+    runs, saved = {}, {}
+    for name, extra in (("device", {}), ("host", {"embeddings_on_host": True})):
+        done, out, _ = _train(
+            tmp_path, base_dir, name, capsys, method="lora", device="cuda", precision="bf16",
+            memory_budget_gb=None, **extra,
+        )  # fmt: skip
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["loss"] for r in rows if r.get("kind") == "train"]
+        files = sorted(Path(done["output"]).rglob("*.safetensors"))
+        assert files, done["output"]
+        saved[name] = {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+    assert len(runs["host"]) == 2 and runs["host"] == pytest.approx(runs["device"], rel=1e-6)
+    assert saved["host"].keys() == saved["device"].keys()
+    for k, v in saved["device"].items():
+        torch.testing.assert_close(saved["host"][k], v, msg=k)
