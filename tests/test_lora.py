@@ -275,3 +275,38 @@ def test_freeze_modules_narrow_and_extend():
         apply_freeze(model, train_layers=[2])
     with pytest.raises(ValueError, match=r"\['mlpx'\] match no module"):
         apply_freeze(model, train_modules=["mlpx"])
+
+
+class _DownShapedMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts (T, ffn) x (ffn, dim) matmuls: a down projection's forward, and the gate/up
+    layers' input gradients in the backward."""
+
+    def __init__(self, t: int, ffn: int, dim: int) -> None:
+        super().__init__()
+        self.shape, self.count = ((t, ffn), (ffn, dim)), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:
+            self.count += (tuple(args[0].shape), tuple(args[1].shape)) == self.shape
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_recompute_skips_the_frozen_down_projection(quantize):
+    """A checkpointed block's recompute runs no base matmul of its last projection (nothing
+    in the backward reads its output); the gradients are those without checkpointing."""
+    grads, counts = [], []
+    for checkpointing in (False, True):
+        model = apply_lora(random_model("tiny-llama3"), r=4, alpha=4, quantize_base=quantize)
+        _perturb(model, "default", 1)
+        model.train().gradient_checkpointing = checkpointing
+        x = _ids()
+        loss = model(x).float().logsumexp(-1).mean()
+        cfg = model.cfg
+        with _DownShapedMatmuls(x.numel(), cfg.ffn_dim, cfg.dim) as seen:
+            loss.backward()
+        counts.append(seen.count)
+        grads.append([p.grad for p in trainable_parameters(model).values()])
+    assert counts[0] == counts[1] == 2 * model.cfg.n_layers  # gate and up input gradients
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

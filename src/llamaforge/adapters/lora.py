@@ -174,16 +174,20 @@ class LoRALinear(nn.Module):
         dtype = self._fused_dtype(x)
         if dtype is not None:
             return self._fused_forward(x, dtype)
-        y = self.base_forward(x)
         if self.disabled or not self.lora_A:
-            return y
+            return self.base_forward(x)
         if self._rows is not None:
-            return self._row_forward(x, y)
+            return self._row_forward(x, self.base_forward(x))
         if self.active is None or self.active not in self.lora_A:
-            return y
-        # into the delta in place (no third (..., out) tensor alive): nothing saves the
-        # second LoRA matmul's output for the backward
-        return self.adapter_delta(x, self.active).to(y.dtype).add_(y)
+            return self.base_forward(x)
+        # The delta first, the frozen base matmul last: a block's last projection is then
+        # the last op of the block that saves a tensor for the backward, and activation
+        # checkpointing's recompute (which stops once every saved tensor is back) never
+        # runs it: its output is not needed to differentiate anything. The base output
+        # goes into the delta in place (no third (..., out) tensor alive).
+        delta = self.adapter_delta(x, self.active)
+        y = self.base_forward(x)
+        return delta.to(y.dtype).add_(y)
 
     def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The compute dtype of the fused layer (adapters/fused.py) for this input, or None
