@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
 import random
 import signal
@@ -394,6 +395,33 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+
+_gc_frozen_depth = 0
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """While a loop runs, Python's cyclic garbage collector skips the objects that existed
+    before it (the model, the optimizer, imported modules: ~300k objects for a run).
+
+    Each step makes thousands of short-lived containers, so the collector's oldest
+    generation comes round every ~15 steps and walked all of them: ~150 ms a pass for a
+    32-block LoRA model on a 2-core CPU (~2 ms frozen). An 8B LoRA benchmark step shows one
+    step in eight ~0.1 s slower on an H100, which this would explain (not measured there).
+    Objects made during the loop are collected as usual; on exit the frozen ones go back
+    to the collector (nothing is kept alive that would otherwise be freed)."""
+    global _gc_frozen_depth
+    if _gc_frozen_depth == 0:
+        gc.collect()
+        gc.freeze()
+    _gc_frozen_depth += 1
+    try:
+        yield
+    finally:
+        _gc_frozen_depth -= 1
+        if _gc_frozen_depth == 0:
+            gc.unfreeze()
 
 
 # ---------------------------------------------------------------- the loop
@@ -857,7 +885,7 @@ def _run(loop: _Loop) -> None:
         dynamic_ncols=True,
     )
     evaluated_at = -1
-    with StopSignals() as signals, bar:
+    with StopSignals() as signals, bar, frozen_gc():
         while loop.step < loop.total_steps:
             if loop.train_step():
                 bar.update(1)

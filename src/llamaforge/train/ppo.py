@@ -59,6 +59,7 @@ from .loop import (
     StopSignals,
     accumulate_gradients,
     autocast_context,
+    frozen_gc,
     optimizer_step,
     resolve_precision,
     seed_everything,
@@ -703,7 +704,7 @@ def train_ppo(run: PPORun) -> str:
     )  # fmt: skip
     reason = "completed"
     try:
-        with StopSignals() as signals, bar:
+        with StopSignals() as signals, bar, frozen_gc():
             while run.step < run.total_steps:
                 record = run.iteration()
                 if run.step % cfg.logging.every == 0 or run.step == run.total_steps:
