@@ -93,6 +93,8 @@ class Stack:
     graph: bool = False  # each step one replayed CUDA graph (`cuda_graph`, LoRA/QLoRA)
     host_embeddings: bool = False  # the input table in host memory (`embeddings_on_host`)
     compiled: bool = False  # every block through torch.compile (inductor), one graph a block
+    # the timed steps inside the training loop's `frozen_gc` (what `llamaforge train` does)
+    gc_frozen: bool = True
 
 
 STACKS = {
@@ -118,6 +120,9 @@ STACKS = {
         "llamaforge, each block torch.compile'd over the plain PyTorch ops (inductor fuses)",
         plain=True,
         compiled=True,
+    ),
+    "llamaforge-gc": Stack(
+        "llamaforge, the cyclic GC walking every object (no frozen_gc)", gc_frozen=False
     ),
     "llamaforge-host": Stack("llamaforge, input embeddings in host memory", host_embeddings=True),
     "llamaforge-graph-host": Stack(
@@ -339,9 +344,11 @@ def measure(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) -> dict
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     step_s = statistics.median(times[spec.warmup :])
+    mean_s = statistics.fmean(times[spec.warmup :])
     return {
         "tokens_per_s": spec.bs * spec.seq / step_s,
         "step_s_median": step_s,
+        "tokens_per_s_mean": spec.bs * spec.seq / mean_s,  # the slow steps counted too
         "step_times_s": times,  # warm-up steps first
         **peak_memory(dev),
         "host_peak_rss_gb": host_peak_rss_gb(),
@@ -699,7 +706,12 @@ def train_child(name: str, spec: Spec) -> dict[str, Any]:
     try:
         trainee = TRAINEES[name](spec, STACKS[name], dev)
         setup_s = time.perf_counter() - start
-        result = measure(trainee, spec, spec.hf_config["vocab_size"], dev)
+        stack = STACKS[name]
+        frozen = name.startswith("llamaforge") and stack.gc_frozen
+        if frozen:
+            from llamaforge.train.loop import frozen_gc
+        with frozen_gc() if frozen else contextlib.nullcontext():
+            result = measure(trainee, spec, spec.hf_config["vocab_size"], dev)
         if spec.profile and name.startswith("llamaforge"):
             result["profile"] = profile_step(trainee, spec, spec.hf_config["vocab_size"], dev)
     except Skip as e:
