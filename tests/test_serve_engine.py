@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -261,8 +262,10 @@ def test_background_thread_many_submitters():
         t.start()
     for t in threads:
         t.join()
+    frozen = gc.get_freeze_count()  # the engine's thread keeps its objects out of the GC
     engine.stop()
     assert [results[i] for i in range(12)] == ref
+    assert frozen > 1000 and gc.get_freeze_count() == 0
 
 
 def test_gathered_lora_equals_row_adapters_and_leaves_training_path_alone():

@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..adapters.lora import adapter_names, lora_modules
 from ..model.generate import Decode, SamplingParams, _cut_at_stop_string
 from ..model.llama import Llama
+from ..runtime import frozen_gc
 from .fused_proj import fuse_projections as fuse_projections_of
 from .graphs import DecodeRunner
 from .kv import RowBatch, SlotPool
@@ -329,6 +330,10 @@ class Engine:
         return bool(self._waiting or self._active or self._cancels)
 
     def _loop(self) -> None:
+        with frozen_gc():  # no collector pass over the model's objects between tokens
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not self._stopping and not self._has_work():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import math
 import random
 import signal
@@ -32,6 +31,7 @@ from ..config import TrainConfig, validate
 from ..errors import NonFiniteLossError, UserError
 from ..losses import chunked_causal_lm_loss_fn, count_label_tokens
 from ..model.llama import compute_device
+from ..runtime import frozen_gc
 from .batches import FILLER, Batch, BatchSource
 from .checkpoint import (
     Stateful,
@@ -395,33 +395,6 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
-
-
-_gc_frozen_depth = 0
-
-
-@contextlib.contextmanager
-def frozen_gc() -> Iterator[None]:
-    """While a loop runs, Python's cyclic garbage collector skips the objects that existed
-    before it (the model, the optimizer, imported modules: ~300k objects for a run).
-
-    Each step makes thousands of short-lived containers, so the collector's oldest
-    generation comes round every ~15 steps and walked all of them: ~150 ms a pass for a
-    32-block LoRA model on a 2-core CPU (~2 ms frozen). An 8B LoRA benchmark step shows one
-    step in eight ~0.1 s slower on an H100, which this would explain (not measured there).
-    Objects made during the loop are collected as usual; on exit the frozen ones go back
-    to the collector (nothing is kept alive that would otherwise be freed)."""
-    global _gc_frozen_depth
-    if _gc_frozen_depth == 0:
-        gc.collect()
-        gc.freeze()
-    _gc_frozen_depth += 1
-    try:
-        yield
-    finally:
-        _gc_frozen_depth -= 1
-        if _gc_frozen_depth == 0:
-            gc.unfreeze()
 
 
 # ---------------------------------------------------------------- the loop

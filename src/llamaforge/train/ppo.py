@@ -53,13 +53,13 @@ from ..ppo_losses import (
     ppo_loss_parts,
     token_rewards,
 )
+from ..runtime import frozen_gc
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from .loop import (
     NonFiniteLossError,
     StopSignals,
     accumulate_gradients,
     autocast_context,
-    frozen_gc,
     optimizer_step,
     resolve_precision,
     seed_everything,
