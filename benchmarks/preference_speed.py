@@ -115,7 +115,10 @@ def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -
         tt.optimizer_update(opt, params)
         return float(total / n)
 
-    times, losses = timed_steps(step, spec, dev)
+    from llamaforge.runtime import frozen_gc
+
+    with frozen_gc():  # what existed before the steps stays out of the collector, as in the loop
+        times, losses = timed_steps(step, spec, dev)
     return {
         **summary(times, losses, spec, dev),
         "trainable_params": parameter_counts(model)[0],
