@@ -19,8 +19,9 @@ def frozen_gc() -> Iterator[None]:
 
     Each step makes thousands of short-lived containers, so the collector's oldest
     generation comes round every ~15 steps and walked all of them: ~150 ms a pass for a
-    32-block LoRA model on a 2-core CPU (~2 ms frozen). An 8B LoRA benchmark step shows one
-    step in eight ~0.1 s slower on an H100, which this would explain (not measured there).
+    32-block LoRA model on a 2-core CPU (~2 ms frozen). On an H200 the 8B LoRA benchmark's
+    one slow step in eight went away with it, and the median step was 9% faster (one run,
+    benchmarks/RESULTS.md).
     Objects made during the loop are collected as usual; on exit the frozen ones go back
     to the collector (nothing is kept alive that would otherwise be freed)."""
     global _gc_frozen_depth
