@@ -704,12 +704,12 @@ def train_child(name: str, spec: Spec) -> dict[str, Any]:
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec.mem_cap_gib * 2**30 / total))
     start = time.perf_counter()
     try:
-        trainee = TRAINEES[name](spec, STACKS[name], dev)
-        setup_s = time.perf_counter() - start
         stack = STACKS[name]
+        trainee = TRAINEES[name](spec, stack, dev)
+        setup_s = time.perf_counter() - start
         frozen = name.startswith("llamaforge") and stack.gc_frozen
         if frozen:
-            from llamaforge.train.loop import frozen_gc
+            from llamaforge.runtime import frozen_gc
         with frozen_gc() if frozen else contextlib.nullcontext():
             result = measure(trainee, spec, spec.hf_config["vocab_size"], dev)
         if spec.profile and name.startswith("llamaforge"):
