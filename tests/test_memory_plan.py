@@ -170,6 +170,49 @@ def test_long_runs_are_probed_short_and_scaled(monkeypatch):
     assert ckpt == 3 * 200 * model.cfg.dim * 4
 
 
+def test_a_sliced_feed_forward_is_probed_sliced(monkeypatch):
+    """Past the MLP's slice length a block saves the slices' inputs, not the (tokens x
+    ffn_dim) intermediates: the probe counts what the run saves, and the backward's moment
+    gets one slice's intermediates (and their gradients) on top."""
+    import llamaforge.train.memory_plan as mp
+
+    model = random_model("tiny-llama3")
+    monkeypatch.setattr(mp, "PROBE_TOKENS", 32)
+    whole, _ = mp.block_costs(model, rows=1, tokens=256)
+    assert mp.slice_bytes(model, rows=1, tokens=256) == 0  # no slicing set: nothing extra
+    model.set_mlp_chunk(64)
+    sliced, ckpt = mp.block_costs(model, rows=1, tokens=256)
+    extra = mp.slice_bytes(model, rows=1, tokens=256)
+    assert all(m.chunk_tokens == 64 for m in model.modules() if isinstance(m, mp.MLP))
+    ffn, dim = model.cfg.ffn_dim, model.cfg.dim
+    # gate, up, silu(gate) and their product (the plain SwiGLU, fp32): 4 x ffn floats a token
+    assert whole - sliced == 256 * 4 * ffn * 4
+    assert sliced > ckpt  # attention's saved tensors stay
+    assert extra == pytest.approx(2 * (whole - sliced) / 256 * 64, rel=0.02)
+    assert mp.slice_bytes(model, rows=1, tokens=64) == 0  # short batches run unsliced
+    plan = choose(100 * GB, 10 * MB, sliced, ckpt, 2, transient=extra)
+    assert plan.estimate == 10 * MB + 2 * sliced + sliced * 3 // 2 + extra
+    assert dim * 256 * 4 == ckpt
+
+
+def test_offloaded_inputs_the_host_cannot_hold_stop_the_run(monkeypatch):
+    import llamaforge.train.memory_plan as mp
+
+    fixed, keep, ckpt, n = 1000 * MB, 100 * MB, 10 * MB, 8
+    every = fixed + n * ckpt + keep * 3 // 2
+    plan = choose(int((every - 3 * ckpt) / (1 - HEADROOM)) + 1, fixed, keep, ckpt, n)
+    assert plan.offloaded == 3 and plan.host_bytes == 3 * ckpt
+    assert "(0.0 GB)" in plan.describe()
+    monkeypatch.setattr(mp, "available_host_bytes", lambda: 30 * MB)  # 90% of it: 27 MB
+    with pytest.raises(UserError, match="offloads 3 blocks' inputs.*CPU memory"):
+        mp.check_host_memory(plan, strict=True)
+    with pytest.warns(UserWarning, match="host has available"):
+        mp.check_host_memory(plan, strict=False)
+    monkeypatch.setattr(mp, "available_host_bytes", lambda: 40 * MB)
+    mp.check_host_memory(plan, strict=True)  # fits: nothing said
+    assert mp.available_host_bytes() == 40 * MB
+
+
 def test_config_key():
     base = {"model": "m", "data": {"path": "d"}}
     assert config_from_dict(base).memory_budget_gb == "auto"  # the default plans on a GPU

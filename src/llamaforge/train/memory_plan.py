@@ -16,6 +16,11 @@ and picks the fastest plan that fits:
   are freed as its backward goes: 1.5 blocks' saved activations in both cases, as measured
   on Llama-3.1-8B LoRA/QLoRA at 2 x 2048 (peaks minus the rest: 0.74 GiB with no block
   checkpointed, H200; 0.80 GiB with every block checkpointed, H100; 550 MiB a block);
+- past the feed-forward's slice length (`Llama.set_mlp_chunk`, long context) each slice is
+  checkpointed, so a block saves only the slices' inputs, not the (tokens x ffn_dim)
+  intermediates: the probe runs with slices too, and the backward's moment adds one slice's
+  intermediates twice (them and their gradients, `MemoryPlan.transient`). Counted whole,
+  they made a 500k-token Llama-3.1-8B block look ~2.7x its size;
 - the loss head, between the forward's end and the first backward step, while every saved
   activation is still held (`head_bytes`): one chunk of float32 logits and their copy in
   the compute dtype, and with the fused linear + CE and a trained head (full fine-tuning)
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,7 +58,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..model.llama import rope_cos_sin
+from ..model.llama import MLP, rope_cos_sin
 from .distributed import world_size
 
 GB = 1024**3
@@ -63,6 +69,8 @@ HEADROOM = 0.01
 # under `auto` (the device's free memory) a miss is an out-of-memory error: a wider margin
 AUTO_HEADROOM = 0.05
 PROBE_TOKENS = 2048  # the measuring forward's length at most (costs scale per token)
+# offloaded inputs may take at most this share of the host's available memory
+HOST_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -81,13 +89,19 @@ class MemoryPlan:
     head: int = 0  # the loss head at the forward's end (`head_bytes`)
     offloaded: int = 0  # with offload: blocks 0..offloaded-1 keep their input in CPU memory
     host_embeddings: bool = False  # the frozen input embedding table lives in host memory
+    transient: int = 0  # the backward's extra for one feed-forward slice (long context)
+
+    @property
+    def host_bytes(self) -> int:
+        """CPU memory the offloaded block inputs take."""
+        return self.offloaded * self.block_checkpointed if self.offload else 0
 
     def describe(self) -> str:
         """One line for the log."""
         where = ""
         if self.offload:
             some = "" if self.offloaded == self.checkpointed else f" of the first {self.offloaded}"
-            where = f", inputs{some} offloaded to CPU"
+            where = f", inputs{some} offloaded to CPU ({self.host_bytes / GB:.1f} GB)"
         if self.host_embeddings:
             where += "; input embeddings in host memory"
         if not self.fits:
@@ -141,11 +155,58 @@ def block_costs(
     The probe runs one row of at most PROBE_TOKENS tokens and scales linearly: what a block
     saves is per token (flash attention keeps its output and log-sum-exp, not the T x T
     weights), and a long-context run could not afford one unchecked block at full length.
+    Where the run's feed-forward goes in slices (more than its `chunk_tokens` tokens in the
+    batch) the probe does too, so what it counts is what the run saves.
     """
     probe = min(tokens, PROBE_TOKENS)
-    keep = _saved_bytes(model, probe, autocast)
+    chunk = mlp_chunk(model)
+    sliced = chunk is not None and rows * tokens > chunk and probe > 1
+    with _mlp_chunk_set(model, max(1, probe // 2) if sliced else None):
+        keep = _saved_bytes(model, probe, autocast)
     checkpointed = rows * tokens * model.cfg.dim * model.dtype.itemsize
     return -(-keep * rows * tokens // probe), checkpointed
+
+
+def mlp_chunk(model: nn.Module) -> int | None:
+    """The feed-forward's slice length (`Llama.set_mlp_chunk`), None when it never slices."""
+    return next((m.chunk_tokens for m in model.modules() if isinstance(m, MLP)), None)
+
+
+@contextlib.contextmanager
+def _mlp_chunk_set(model: nn.Module, tokens: int | None):
+    """Every feed-forward sliced at `tokens` for the block (None: unsliced), then back."""
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    was = [m.chunk_tokens for m in mlps]
+    for m in mlps:
+        m.chunk_tokens = tokens
+    try:
+        yield
+    finally:
+        for m, w in zip(mlps, was, strict=True):
+            m.chunk_tokens = w
+
+
+def slice_bytes(
+    model: nn.Module,
+    rows: int,
+    tokens: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> int:
+    """The backward's extra while one feed-forward slice is recomputed and differentiated:
+    its (slice x ffn_dim) intermediates and their gradients. 0 where the run does not slice
+    (then the intermediates are in the block's saved bytes already)."""
+    chunk = mlp_chunk(model)
+    if chunk is None or rows * tokens <= chunk:
+        return 0
+    probe = min(tokens, PROBE_TOKENS)
+    if probe < 2:
+        return 0
+    with _mlp_chunk_set(model, None):
+        whole = _saved_bytes(model, probe, autocast)
+    with _mlp_chunk_set(model, max(1, probe // 2)):
+        sliced = _saved_bytes(model, probe, autocast)
+    per_token = max(0, whole - sliced) / probe  # the intermediates a slice saves, per token
+    return int(2 * per_token * max(1, chunk // rows) * rows)
 
 
 def _saved_bytes(
@@ -240,6 +301,7 @@ def choose(
     head: int = 0,
     embed: int = 0,
     headroom: float = HEADROOM,
+    transient: int = 0,
 ) -> MemoryPlan:
     """The plan with the fewest checkpointed blocks whose estimate fits the budget.
 
@@ -256,7 +318,8 @@ def choose(
 
     def estimate(k: int, offloaded: int = 0, host: bool = False) -> int:
         inputs = (k - offloaded) * checkpointed
-        backward = keep * 3 // 2  # its temporaries and a recomputed block's remains
+        # its temporaries and a recomputed block's remains (+ one feed-forward slice's)
+        backward = keep * 3 // 2 + transient
         moved = embed if host else 0
         return fixed - moved + (n_layers - k) * keep + inputs + max(backward, head)
 
@@ -264,7 +327,7 @@ def choose(
         est = estimate(k, offloaded, host)
         return MemoryPlan(
             budget, fixed, keep, checkpointed, n_layers, k, offloaded > 0, est, fits, head,
-            offloaded, host,
+            offloaded, host, transient,
         )  # fmt: skip
 
     for host in (False, True) if embed else (False,):
@@ -310,12 +373,46 @@ def plan_memory(
     if budget is None:
         return None
     keep, ckpt = block_costs(model, rows, tokens, autocast)
+    transient = slice_bytes(model, rows, tokens, autocast)
     strict = setting != "auto"
     head = head_bytes(model, rows, tokens)
     fixed = fixed_bytes(model, grads)
     embed = movable_embedding_bytes(model)
     margin = AUTO_HEADROOM if setting == "auto" else HEADROOM
-    return choose(budget, fixed, keep, ckpt, len(model.layers), strict, head, embed, margin)
+    plan = choose(
+        budget, fixed, keep, ckpt, len(model.layers), strict, head, embed, margin, transient
+    )
+    check_host_memory(plan, strict)
+    return plan
+
+
+def available_host_bytes() -> int | None:
+    """The host's available memory (`MemAvailable`), None where /proc/meminfo is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(plan: MemoryPlan, strict: bool) -> None:
+    """Offloaded inputs the host cannot hold would end the run mid-step by the kernel's OOM
+    killer: say so before training (a budget the user gave), or warn (`auto`)."""
+    free = available_host_bytes()
+    need = plan.host_bytes
+    if not need or free is None or need <= HOST_SHARE * free:
+        return
+    text = (
+        f"key 'memory_budget_gb': the plan offloads {plan.offloaded} blocks' inputs, "
+        f"{need / GB:.1f} GB of CPU memory, more than {HOST_SHARE:.0%} of the "
+        f"{free / GB:.1f} GB the host has available: raise the budget, or lower "
+        "optim.batch_size or data.max_seq_len"
+    )
+    if strict:
+        raise UserError(text)
+    warnings.warn(text, stacklevel=2)
 
 
 def movable_embedding_bytes(model: nn.Module) -> int:
