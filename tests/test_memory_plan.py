@@ -213,6 +213,19 @@ def test_offloaded_inputs_the_host_cannot_hold_stop_the_run(monkeypatch):
     assert mp.available_host_bytes() == 40 * MB
 
 
+def test_an_offloading_plan_suggests_expandable_segments():
+    from llamaforge.train.memory_plan import allocator_hint
+
+    fixed, keep, ckpt, n = 1000 * MB, 100 * MB, 10 * MB, 8
+    every = fixed + n * ckpt + keep * 3 // 2
+    off = choose(int((every - 1) / (1 - HEADROOM)), fixed, keep, ckpt, n)
+    kept = choose(10 * GB, fixed, keep, ckpt, n)
+    assert off.offload and not kept.offload
+    assert "expandable_segments:True" in allocator_hint(off, {})
+    assert allocator_hint(off, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}) is None
+    assert allocator_hint(kept, {}) is None
+
+
 def test_config_key():
     base = {"model": "m", "data": {"path": "d"}}
     assert config_from_dict(base).memory_budget_gb == "auto"  # the default plans on a GPU

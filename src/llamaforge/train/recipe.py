@@ -31,7 +31,7 @@ from ..losses import chunked_causal_lm_loss_fn
 from . import distributed
 from .batches import BatchSource, RankShard
 from .loop import autocast_context, make_eval_fn, resolve_precision, seed_everything, train
-from .memory_plan import plan_memory
+from .memory_plan import allocator_hint, plan_memory
 from .metrics import is_main_process
 from .stages import STAGES, Stage
 
@@ -197,6 +197,9 @@ def planned_train_config(
     if plan is None:
         return tcfg
     log(plan.describe())
+    hint = allocator_hint(plan)
+    if hint is not None and model.device.type == "cuda":
+        log(hint)
     if out is not None:
         plan.save(out / "memory_plan.json")
     k, m = plan.checkpointed, plan.offloaded
