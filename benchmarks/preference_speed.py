@@ -117,10 +117,12 @@ def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -
 
     from llamaforge.runtime import frozen_gc
 
-    with frozen_gc():  # what existed before the steps stays out of the collector, as in the loop
+    # what existed before the steps stays out of the collector, as in the loop
+    with tt.gpu_sampler(dev) as sampler, frozen_gc():
         times, losses = timed_steps(step, spec, dev)
     return {
         **summary(times, losses, spec, dev),
+        **sampler.summary(),
         "trainable_params": parameter_counts(model)[0],
         "notes": notes,
     }
@@ -279,10 +281,11 @@ def trl_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
         )
     timer = StepTimer(dev)
     trainer.add_callback(timer)
-    out = trainer.train()
+    with tt.gpu_sampler(dev) as sampler:
+        out = trainer.train()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     notes = f"{tt.dtype_name(dtype)} base, peft LoRA" + (", Liger kernels" if liger else "")
-    res = summary(timer.times, [], spec, dev)
+    res = {**summary(timer.times, [], spec, dev), **sampler.summary()}
     return {**res, "loss_mean": out.training_loss, "trainable_params": trainable, "notes": notes}
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,37 @@ def test_train_throughput_tiny(tmp_path):
     assert "aten::" in results["llamaforge"]["profile"] and "profile" not in results["hf"]
     assert "skipped" in results["unsloth"] or "tokens_per_s" in results["unsloth"]
     assert set(report["ratios"]) == {"hf"}  # ours against peers, not against our variants
+
+
+def test_gpu_sampler_reads_nvidia_smi_while_the_steps_run(tmp_path):
+    """The sampler runs nvidia-smi's loop in its own process and summarises what it printed
+    (a stand-in script here: the CPU machine has no nvidia-smi); bad lines are skipped."""
+    tt = _script("train_throughput")
+    fake = tmp_path / "nvidia-smi"
+    log = tmp_path / "args"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {log}\n'
+        'printf "1980, 650.5, 61\\n1755, 700.0, 63\\n[N/A], 1, 1\\n1830, 690.25, 62\\n"\n'
+        "exec sleep 30\n"
+    )
+    fake.chmod(0o755)
+    with tt.GpuSampler(str(fake), "GPU-x", period_ms=100) as sampler:
+        for _ in range(100):  # until the stand-in has printed (it then sleeps: terminated)
+            if log.exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+    gpu = sampler.summary()["gpu"]
+    assert gpu["samples"] == 3 and gpu["sm_clock_mhz_median"] == 1830
+    assert (gpu["sm_clock_mhz_min"], gpu["sm_clock_mhz_max"]) == (1755, 1980)
+    assert gpu["power_w_max"] == 700.0 and gpu["temperature_c_max"] == 63
+    args = log.read_text().split()
+    assert args[:2] == ["-i", "GPU-x"] and "-lms" in args and "100" in args
+    # off CUDA, or with no nvidia-smi: nothing runs and nothing is reported
+    with tt.gpu_sampler(torch.device("cpu")) as none:
+        pass
+    assert none.summary() == {} and tt.GpuSampler(None, "").summary() == {}
 
 
 def test_train_throughput_graph_stack_trains_what_the_plain_step_trains():
