@@ -985,7 +985,15 @@ def summary(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"error: {r['error']}"
     mem = r.get("peak_alloc_gb")
-    return f"{r['tokens_per_s']:,.0f} tokens/s" + (f", {mem} GB" if mem is not None else "")
+    line = f"{r['tokens_per_s']:,.0f} tokens/s" + (f", {mem} GB" if mem is not None else "")
+    gpu = r.get("gpu")
+    if gpu:  # GpuSampler's numbers over the timed steps
+        line += (
+            f"; SM clock {gpu['sm_clock_mhz_median']:,.0f} MHz "
+            f"({gpu['sm_clock_mhz_min']:,.0f}-{gpu['sm_clock_mhz_max']:,.0f}), "
+            f"{gpu['power_w_max']:.0f} W, {gpu['temperature_c_max']:.0f} C at most"
+        )
+    return line
 
 
 def add_mfu(report: dict[str, Any], peak_tflops: float) -> None:

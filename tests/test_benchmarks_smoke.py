@@ -133,6 +133,8 @@ def test_gpu_sampler_reads_nvidia_smi_while_the_steps_run(tmp_path):
     with tt.gpu_sampler(torch.device("cpu")) as none:
         pass
     assert none.summary() == {} and tt.GpuSampler(None, "").summary() == {}
+    line = tt.summary({"tokens_per_s": 1234.5, "peak_alloc_gb": 1.5, **sampler.summary()})
+    assert line == "1,234 tokens/s, 1.5 GB; SM clock 1,830 MHz (1,755-1,980), 700 W, 63 C at most"
 
 
 def test_train_throughput_graph_stack_trains_what_the_plain_step_trains():
