@@ -161,13 +161,44 @@ def block_costs(
     Where the run's feed-forward goes in slices (more than its `chunk_tokens` tokens in the
     batch) the probe does too, so what it counts is what the run saves.
     """
+    keep, checkpointed, _ = _probe(model, rows, tokens, autocast, with_slice=False)
+    return keep, checkpointed
+
+
+def slice_bytes(
+    model: nn.Module,
+    rows: int,
+    tokens: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> int:
+    """The backward's extra while one feed-forward slice is recomputed and differentiated:
+    its (slice x ffn_dim) intermediates and their gradients. 0 where the run does not slice
+    (then the intermediates are in the block's saved bytes already)."""
+    return _probe(model, rows, tokens, autocast, with_slice=True)[2]
+
+
+def _probe(
+    model: nn.Module,
+    rows: int,
+    tokens: int,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    with_slice: bool,
+) -> tuple[int, int, int]:
+    """(kept, checkpointed, slice) bytes as `block_costs` and `slice_bytes` define them; the
+    unsliced probe that the slice's bytes need runs only `with_slice` (else slice is 0)."""
     probe = min(tokens, PROBE_TOKENS)
     chunk = mlp_chunk(model)
     sliced = chunk is not None and rows * tokens > chunk and probe > 1
     with _mlp_chunk_set(model, max(1, probe // 2) if sliced else None):
-        keep = _saved_bytes(model, probe, autocast)
+        saved = _saved_bytes(model, probe, autocast)
+    extra = 0
+    if sliced and with_slice:
+        with _mlp_chunk_set(model, None):
+            whole = _saved_bytes(model, probe, autocast)
+        per_token = max(0, whole - saved) / probe  # the intermediates a slice saves, a token
+        extra = int(2 * per_token * max(1, chunk // rows) * rows)
     checkpointed = rows * tokens * model.cfg.dim * model.dtype.itemsize
-    return -(-keep * rows * tokens // probe), checkpointed
+    return -(-saved * rows * tokens // probe), checkpointed, extra
 
 
 def mlp_chunk(model: nn.Module) -> int | None:
@@ -187,29 +218,6 @@ def _mlp_chunk_set(model: nn.Module, tokens: int | None):
     finally:
         for m, w in zip(mlps, was, strict=True):
             m.chunk_tokens = w
-
-
-def slice_bytes(
-    model: nn.Module,
-    rows: int,
-    tokens: int,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> int:
-    """The backward's extra while one feed-forward slice is recomputed and differentiated:
-    its (slice x ffn_dim) intermediates and their gradients. 0 where the run does not slice
-    (then the intermediates are in the block's saved bytes already)."""
-    chunk = mlp_chunk(model)
-    if chunk is None or rows * tokens <= chunk:
-        return 0
-    probe = min(tokens, PROBE_TOKENS)
-    if probe < 2:
-        return 0
-    with _mlp_chunk_set(model, None):
-        whole = _saved_bytes(model, probe, autocast)
-    with _mlp_chunk_set(model, max(1, probe // 2)):
-        sliced = _saved_bytes(model, probe, autocast)
-    per_token = max(0, whole - sliced) / probe  # the intermediates a slice saves, per token
-    return int(2 * per_token * max(1, chunk // rows) * rows)
 
 
 def _saved_bytes(
@@ -375,8 +383,7 @@ def plan_memory(
     budget = budget_bytes(setting, model.device)
     if budget is None:
         return None
-    keep, ckpt = block_costs(model, rows, tokens, autocast)
-    transient = slice_bytes(model, rows, tokens, autocast)
+    keep, ckpt, transient = _probe(model, rows, tokens, autocast, with_slice=True)
     strict = setting != "auto"
     head = head_bytes(model, rows, tokens)
     fixed = fixed_bytes(model, grads)
