@@ -383,9 +383,8 @@ class GpuSampler:
     QUERY = "clocks.sm,power.draw,temperature.gpu"
 
     def __init__(self, exe: str | None, ident: str, period_ms: int = 200) -> None:
-        self.cmd = None if exe is None else [exe, "-i", ident, f"--query-gpu={self.QUERY}"]
-        if self.cmd is not None:
-            self.cmd += ["--format=csv,noheader,nounits", "-lms", str(period_ms)]
+        query = [f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits"]
+        self.cmd = None if exe is None else [exe, "-i", ident, *query, "-lms", str(period_ms)]
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
 
