@@ -361,7 +361,8 @@ def measure(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) -> dict
 
 
 def profile_step(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) -> str:
-    """One more step under torch.profiler: the ops that took the most device time."""
+    """One more step under torch.profiler: the ops that took the most device time, and on
+    a GPU the device time by kind of kernel (matmul, attention, elementwise, ...)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = dev.type == "cuda"
@@ -371,7 +372,12 @@ def profile_step(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) ->
         trainee.step(ids)
         synchronize(dev)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    ops = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    if not cuda:
+        return ops
+    from profile_step import kernel_table  # the same kinds of kernel as the packed profile
+
+    return f"{ops}\n{kernel_table(prof, 1)}"
 
 
 class GpuSampler:

@@ -278,8 +278,8 @@ def test_freeze_modules_narrow_and_extend():
 
 
 class _DownShapedMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts (T, ffn) x (ffn, dim) matmuls: a down projection's forward, and the gate/up
-    layers' input gradients in the backward."""
+    """Counts (T, ffn) x (ffn, dim) matmuls (mm, or addmm adding a delta): a down
+    projection's forward, and the gate/up layers' input gradients in the backward."""
 
     def __init__(self, t: int, ffn: int, dim: int) -> None:
         super().__init__()
@@ -288,6 +288,8 @@ class _DownShapedMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.mm.default:
             self.count += (tuple(args[0].shape), tuple(args[1].shape)) == self.shape
+        elif func is torch.ops.aten.addmm.default:  # the base matmul with the delta added
+            self.count += (tuple(args[1].shape), tuple(args[2].shape)) == self.shape
         return func(*args, **(kwargs or {}))
 
 

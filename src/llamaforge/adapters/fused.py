@@ -3,16 +3,18 @@
 The unfused layer runs y = x @ W^T, then d = (x @ A^T * s) @ B^T as its own (..., out)
 tensor, then y + d: two extra full-width passes (write d, read d and y, write the sum) and,
 in the backward, a third matmul output for dx plus the add of the base's and the adapter's
-input gradients. Here the second LoRA matmul accumulates straight into the base output
-(`addmm_`, beta = 1: the add runs in the matmul's epilogue, accumulated in float32 and
-rounded once), and in the backward the adapter's input gradient accumulates into the
-base's the same way. The backward is derived by hand:
+input gradients. Here the adapter's delta is written first and the frozen base matmul
+accumulates onto it (`addmm_`, beta = 1: the add runs in the large matmul's epilogue,
+where reading the delta hides under the compute; a rank-r matmul accumulating onto the
+base output instead re-reads and re-writes the whole output, as slow as the add it
+replaces), and in the backward the base's input gradient accumulates onto the adapter's
+the same way. The backward is derived by hand:
 
     h  = (x_d @ A^T) * s          (N, r), saved (x_d: x after LoRA dropout)
     dB = g^T @ h                   (out, r)
     dh = (g @ B) * s               (N, r)
     dA = dh^T @ x_d                (r, in)
-    dx = g @ W  (+ dh @ A when there is no dropout; otherwise dh @ A is x_d's gradient)
+    dx = dh @ A + g @ W  (without dropout; with it dx = g @ W and dh @ A is x_d's gradient)
 
 Everything runs in one compute dtype (autocast's when it is on, as `F.linear` under autocast
 would); gradients come back in each input's own dtype. The base weight is a frozen tensor
@@ -22,7 +24,7 @@ Tests compare values and gradients with the unfused layer under autograd.
 `fused_lora_group` does the same for several layers that read one input (q/k/v, gate/up),
 as one node: their A matrices stacked, so the input is read once for all of them forward
 (h = x @ [A_1; ...; A_n]^T) and backward (d[A_1; ...] = dh^T @ x), and one input gradient
-dx = sum_i g_i @ W_i + dh @ [A_1; ...] accumulated in place, where separate layers would
+dx = dh @ [A_1; ...] + sum_i g_i @ W_i accumulated in place, where separate layers would
 each write their own dx and autograd would add them up.
 """
 
@@ -61,11 +63,11 @@ class _FusedLoRA(torch.autograd.Function):
         x2 = x.reshape(-1, n_in).to(dtype)  # (N, in)
         xd2 = x2 if x_drop is None else x_drop.reshape(-1, n_in).to(dtype)
         ac, bc = a.to(dtype), b.to(dtype)  # (r, in), (out, r)
-        y = F.linear(x2, _dense(weight, dtype), None if bias is None else bias.to(dtype))
         h = xd2 @ ac.t()  # (N, r)
         if scaling != 1.0:
             h.mul_(scaling)
-        y.addmm_(h, bc.t())  # (N, out): the adapter's delta added in the matmul
+        y = F.linear(h, bc, None if bias is None else bias.to(dtype))  # (N, out): the delta
+        y.addmm_(x2, _dense(weight, dtype).t())  # the base matmul accumulates onto it
         ctx.save_for_backward(xd2, h, ac, bc)
         ctx.weight, ctx.scaling, ctx.dropped = weight, scaling, x_drop is not None
         ctx.x_shape, ctx.x_dtype, ctx.ab_dtypes = x.shape, x.dtype, (a.dtype, b.dtype)
@@ -85,9 +87,10 @@ class _FusedLoRA(torch.autograd.Function):
             if need_a:
                 da = dh.t() @ xd2  # (r, in)
             if need_x:
-                dx = g @ _dense(ctx.weight, h.dtype)  # (N, in)
-                if not ctx.dropped:
-                    dx.addmm_(dh, ac)
+                if ctx.dropped:
+                    dx = g @ _dense(ctx.weight, h.dtype)  # (N, in)
+                else:  # the adapter's part first, the base's accumulated onto it
+                    dx = (dh @ ac).addmm_(g, _dense(ctx.weight, h.dtype))
             if need_xd:  # only with dropout: without it x_drop is None, not an input
                 dxd = (dh @ ac).to(ctx.x_dtype).view(ctx.x_shape)
         if dx is not None:
@@ -139,8 +142,8 @@ class _FusedLoRAGroup(torch.autograd.Function):
         hs = h.split(ranks, dim=1)  # (N, r_i) column views
         ys = []
         for w, hi, bi in zip(weights, hs, bc, strict=True):
-            y = F.linear(x2, _dense(w, dtype))  # (N, out_i)
-            y.addmm_(hi, bi.t())
+            y = hi @ bi.t()  # (N, out_i): the delta, the base matmul accumulated onto it
+            y.addmm_(x2, _dense(w, dtype).t())
             ys.append(y.view(*lead, y.shape[-1]))
         ctx.save_for_backward(x2, h, ac, *bc)
         ctx.weights, ctx.scaling, ctx.ranks = weights, scaling, ranks

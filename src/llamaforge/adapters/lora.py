@@ -185,9 +185,23 @@ class LoRALinear(nn.Module):
         # checkpointing's recompute (which stops once every saved tensor is back) never
         # runs it: its output is not needed to differentiate anything. The base output
         # goes into the delta in place (no third (..., out) tensor alive).
-        delta = self.adapter_delta(x, self.active)
-        y = self.base_forward(x)
-        return delta.to(y.dtype).add_(y)
+        return self.base_plus(x, self.adapter_delta(x, self.active))
+
+    def base_plus(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Frozen layer plus a delta of its output's shape, the add done by the base matmul
+        (`addmm`: cuBLAS reads the delta in its epilogue, beta = 1) instead of a separate
+        full-width pass; autograd saves only the frozen weight, as for `F.linear`. A bias or
+        an int8 base adds the delta afterwards."""
+        if self.int8 is not None or self.bias is not None:
+            y = self.base_forward(x)
+            return delta.to(y.dtype).add_(y)
+        if self.nf4 is not None:
+            return nf4_linear(x, self.nf4, None, self.compute_dtype, add=delta)
+        n_in, n_out = x.shape[-1], delta.shape[-1]
+        if not torch.is_autocast_enabled(x.device.type):  # addmm wants one dtype
+            delta = delta.to(self.weight.dtype)
+        y = torch.addmm(delta.reshape(-1, n_out), x.reshape(-1, n_in), self.weight.t())
+        return y.view(*x.shape[:-1], n_out)
 
     def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The compute dtype of the fused layer (adapters/fused.py) for this input, or None

@@ -233,19 +233,32 @@ class NF4Weight(nn.Module):
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """x @ W^T with W dequantised in forward and again in backward (never saved)."""
+    """x @ W^T (+ add) with W dequantised in forward and again in backward (never saved);
+    `add` (..., out) goes in through the matmul's epilogue (addmm, beta = 1)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: NF4Weight, add: torch.Tensor | None
+    ) -> torch.Tensor:
         ctx.weight, ctx.x_dtype = weight, x.dtype
-        return F.linear(x, weight.dequantize(x.dtype))  # (..., out)
+        w = weight.dequantize(x.dtype)  # (out, in)
+        if add is None:
+            return F.linear(x, w)  # (..., out)
+        ctx.add_dtype = add.dtype
+        y = torch.addmm(add.reshape(-1, w.shape[0]).to(x.dtype), x.reshape(-1, x.shape[-1]), w.t())
+        return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        w = ctx.weight.dequantize(grad.dtype)  # (out, in)
-        return (grad @ w).to(ctx.x_dtype), None
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        dx = dadd = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.weight.dequantize(grad.dtype)  # (out, in)
+            dx = (grad @ w).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            dadd = grad.to(ctx.add_dtype)
+        return dx, None, dadd
 
 
 def nf4_linear(
@@ -253,10 +266,12 @@ def nf4_linear(
     weight: NF4Weight,
     bias: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for an NF4 weight, computed in `compute_dtype`, returned in x's."""
+    """y = x @ W^T (+ bias) (+ add) for an NF4 weight, computed in `compute_dtype`, returned
+    in x's; `add` (..., out) is added by the matmul itself (no separate pass over y)."""
     dtype = compute_dtype or x.dtype
-    y = _NF4Matmul.apply(x.to(dtype), weight)  # (..., out)
+    y = _NF4Matmul.apply(x.to(dtype), weight, add)  # (..., out)
     if bias is not None:
         y = y + bias.to(dtype)
     return y.to(x.dtype)
