@@ -442,8 +442,10 @@ class GpuSampler:
 
 def gpu_sampler(dev: torch.device) -> GpuSampler:
     """A sampler for `dev` (by UUID, so CUDA_VISIBLE_DEVICES cannot mislead it); a no-op off
-    CUDA or without nvidia-smi."""
-    exe = shutil.which("nvidia-smi") if dev.type == "cuda" else None
+    CUDA, without nvidia-smi, or with LLAMAFORGE_BENCH_GPU_SAMPLER=0 in the environment (to
+    time a run with no nvidia-smi polling beside it)."""
+    wanted = os.environ.get("LLAMAFORGE_BENCH_GPU_SAMPLER", "1") != "0"
+    exe = shutil.which("nvidia-smi") if dev.type == "cuda" and wanted else None
     if exe is None:
         return GpuSampler(None, "")
     props = torch.cuda.get_device_properties(dev)
