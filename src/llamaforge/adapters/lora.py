@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..kernels import Kernels
 from .fused import fused_lora_group, fused_lora_linear
 from .int8 import Int8Linear
-from .nf4 import NF4Linear, NF4Weight, nf4_linear, plain_linear
+from .nf4 import NF4Linear, NF4Weight, linear_add, nf4_linear, plain_linear
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
@@ -183,8 +183,8 @@ class LoRALinear(nn.Module):
         # The delta first, the frozen base matmul last: a block's last projection is then
         # the last op of the block that saves a tensor for the backward, and activation
         # checkpointing's recompute (which stops once every saved tensor is back) never
-        # runs it: its output is not needed to differentiate anything. The base output
-        # goes into the delta in place (no third (..., out) tensor alive).
+        # runs it: its output is not needed to differentiate anything. The base matmul
+        # adds the delta itself (`base_plus`: no separate pass, no third (..., out) tensor).
         return self.base_plus(x, self.adapter_delta(x, self.active))
 
     def base_plus(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -197,11 +197,9 @@ class LoRALinear(nn.Module):
             return delta.to(y.dtype).add_(y)
         if self.nf4 is not None:
             return nf4_linear(x, self.nf4, None, self.compute_dtype, add=delta)
-        n_in, n_out = x.shape[-1], delta.shape[-1]
         if not torch.is_autocast_enabled(x.device.type):  # addmm wants one dtype
             delta = delta.to(self.weight.dtype)
-        y = torch.addmm(delta.reshape(-1, n_out), x.reshape(-1, n_in), self.weight.t())
-        return y.view(*x.shape[:-1], n_out)
+        return linear_add(x, self.weight, delta)
 
     def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The compute dtype of the fused layer (adapters/fused.py) for this input, or None

@@ -232,6 +232,14 @@ class NF4Weight(nn.Module):
         return f"shape={tuple(self.shape)}, blocksize={self.blocksize}, double_quant={dq}"
 
 
+def linear_add(x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """x @ W^T + add, (..., in) -> (..., out), the add done in the matmul's epilogue
+    (`addmm`, beta = 1) rather than as a separate pass over the output."""
+    n_out = weight.shape[0]
+    y = torch.addmm(add.reshape(-1, n_out), x.reshape(-1, x.shape[-1]), weight.t())
+    return y.view(*x.shape[:-1], n_out)
+
+
 class _NF4Matmul(torch.autograd.Function):
     """x @ W^T (+ add) with W dequantised in forward and again in backward (never saved);
     `add` (..., out) goes in through the matmul's epilogue (addmm, beta = 1)."""
@@ -245,8 +253,7 @@ class _NF4Matmul(torch.autograd.Function):
         if add is None:
             return F.linear(x, w)  # (..., out)
         ctx.add_dtype = add.dtype
-        y = torch.addmm(add.reshape(-1, w.shape[0]).to(x.dtype), x.reshape(-1, x.shape[-1]), w.t())
-        return y.view(*x.shape[:-1], w.shape[0])
+        return linear_add(x, w, add.to(x.dtype))
 
     @staticmethod
     def backward(
