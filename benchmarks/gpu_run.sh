@@ -17,8 +17,8 @@
 #           chitchat-dataset wheel on PYTHONPATH)
 #   offload the issue-16 LoRA/QLoRA rows with checkpointed inputs offloaded to CPU memory (the
 #           16.7 GB / 7.0 GB memory goals: what offload costs at 2 x 2048)
-#   small   SmolLM2 LoRA on real chitchat lengths, packed, default kernels against the fused LoRA
-#           layer (kernels.lora) at 32 and 64 conversations a step, with the peer in the same
+#   small   SmolLM2 LoRA on real chitchat lengths, packed, default kernels against the unfused
+#           LoRA layers (kernels.lora false) at 32 and 64 conversations a step, with the peer in the same
 #           run (MODEL=SmolLM2.gguf; the host-bound row of issue 16 item 4)
 #   graph   the captured packed SmolLM2 LoRA step: GPU tests, a whole train run with and
 #           without cuda_graph, graph/packed/padded/peft at 32, 64, 128 conversations (TOK=...)
@@ -127,7 +127,7 @@ offload)
   ;;
 small)
   for bs in 32 64; do
-    for k in default fused-lora; do
+    for k in default unfused-lora; do
       modes=packed; [ "$k" = default ] && modes=hf,padded,packed
       timeout 240 python3 benchmarks/real_lengths.py --model "${MODEL:?set MODEL}" \
         --tokenizer "$MODEL" --modes $modes --lora-dropout 0 --bs $bs --steps 20 --warmup 3 \
@@ -149,7 +149,7 @@ graph)
   for bs in 32 64 128; do
     modes=graph,packed,padded,hf; [ $bs = 128 ] && modes=graph,packed,padded
     timeout 200 python3 benchmarks/real_lengths.py --model preset:smollm2-135m --tokenizer "$TOK" \
-      --modes $modes --lora-dropout 0 --bs $bs --steps 12 --warmup 3 --kernels fused-lora \
+      --modes $modes --lora-dropout 0 --bs $bs --steps 12 --warmup 3 \
       --out "$out/real_lengths_graph_bs$bs.json" >"$out/real_lengths_graph_bs$bs.log" 2>&1
     echo "== real_lengths graph bs $bs (exit $?)"; grep "x$" "$out/real_lengths_graph_bs$bs.log"
   done
@@ -186,8 +186,8 @@ inbw)
   ;;
 fused)
   tp fused_lora8b 150 --workload lora8b \
-    --stacks llamaforge,llamaforge-fused-lora,llamaforge-unfused-residual --steps 4 --warmup 2
-  tp fused_qlora8b 130 --workload qlora8b --stacks llamaforge,llamaforge-fused-lora \
+    --stacks llamaforge,llamaforge-unfused-lora,llamaforge-unfused-residual --steps 4 --warmup 2
+  tp fused_qlora8b 130 --workload qlora8b --stacks llamaforge,llamaforge-unfused-lora \
     --steps 4 --warmup 2
   ;;
 decode)

@@ -1,7 +1,7 @@
 """Where a SmolLM2 LoRA training step on packed real chitchat rows spends its time.
 
     python benchmarks/profile_step.py MODEL CONVERSATIONS [--tokenizer TOK]
-        [--kernels default|fused-lora] [--graph] [--steps 3]
+        [--kernels default|unfused-lora] [--graph] [--steps 3]
 
 MODEL is a checkpoint (the bundled GGUF) or `preset:NAME` (random weights, then --tokenizer
 names the tokenizer). Builds `real_lengths.py`'s packed rows (1,024 tokens, as many rows as
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model")
     p.add_argument("conversations", type=int)
     p.add_argument("--tokenizer", help="default: MODEL's own")
-    p.add_argument("--kernels", choices=["default", "fused-lora"], default="default")
+    p.add_argument("--kernels", choices=["default", "unfused-lora"], default="default")
     p.add_argument("--graph", action="store_true", help="the step as one CUDA graph")
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args(argv)

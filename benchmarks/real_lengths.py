@@ -177,9 +177,9 @@ def trainable_copy(base, args: argparse.Namespace, dev: torch.device, compute: t
     if args.kernels != "default":
         from llamaforge.kernels import Kernels
 
-        # none: every kernel off; fused-lora: the defaults plus the LoRA layer as one
-        # autograd node (`kernels.lora`, opt-in: fewer autograd nodes on a host-bound model)
-        kernels = Kernels.none() if args.kernels == "none" else Kernels(lora=True)
+        # none: every kernel off; unfused-lora: the defaults but the LoRA layers as plain
+        # autograd ops (`kernels.lora: false`, the fused layer's opt-out)
+        kernels = Kernels.none() if args.kernels == "none" else Kernels(lora=False)
         model.set_kernels(kernels)
     model.gradient_checkpointing = args.checkpointing
     return model.train()
@@ -419,10 +419,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument(
         "--kernels",
-        choices=["default", "none", "fused-lora"],
+        choices=["default", "none", "unfused-lora"],
         default="default",
         help="llamaforge's fused kernels at their defaults, all off (plain PyTorch), or the "
-        "defaults plus the fused LoRA layer (kernels.lora)",
+        "defaults with the LoRA layers unfused (kernels.lora false)",
     )
     p.add_argument(
         "--group-by-length", action="store_true", help="padded batches grouped by length"

@@ -85,7 +85,7 @@ class Stack:
     master: str = "auto"  # full fine-tuning's `optim.master_dtype` (auto: bf16 on a GPU)
     fused_adamw: bool = True  # bf16-master AdamW through its Triton kernel (the default)
     offload: bool = False  # checkpointed layer inputs in CPU memory
-    fused_lora: bool = False  # LoRA layers as one autograd node (`kernels.lora`, opt-in)
+    fused_lora: bool = True  # LoRA layers as one autograd node (`kernels.lora`, the default)
     # the residual add fused into the next norm (`kernels.residual_rmsnorm`, the default)
     fused_residual: bool = True
     dist: str | None = None  # through torch.distributed at world size 1: fsdp2 | ddp
@@ -104,7 +104,9 @@ STACKS = {
     "llamaforge-bf16": Stack(
         "llamaforge, bf16 masters, unfused AdamW", master="bf16", fused_adamw=False
     ),
-    "llamaforge-fused-lora": Stack("llamaforge, LoRA layers fused", fused_lora=True),
+    "llamaforge-unfused-lora": Stack(
+        "llamaforge, LoRA layers unfused (kernels.lora false)", fused_lora=False
+    ),
     "llamaforge-unfused-residual": Stack(
         "llamaforge, residual add unfused from the norm", fused_residual=False
     ),

@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         # Serving: an object whose `forward(x, layer)` is the output with each row's own
         # adapter delta from gathered weights (serve.lora_stack) while it runs a batch.
         self.gathered = None
-        self.kernels = Kernels()  # set by Llama.set_kernels; `lora` (opt-in) picks the fused layer
+        self.kernels = Kernels()  # set by Llama.set_kernels; `lora` (default) picks the fused layer
 
     @property
     def device(self) -> torch.device:

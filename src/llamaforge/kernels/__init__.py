@@ -34,9 +34,10 @@ class Kernels:
     nf4: bool = True  # Triton NF4 dequantise for QLoRA base weights
     varlen_attention: bool = True  # packed rows through flash varlen attention (CUDA)
     adamw: bool = True  # bf16-weight AdamW (stochastic rounding) as one kernel per parameter
-    # LoRA layer as one autograd node, delta added in the matmul (CUDA). Off by default:
-    # measured 3.6% slower than the unfused layers on 8B LoRA (benchmarks/RESULTS.md)
-    lora: bool = False
+    # LoRA layer as one autograd node (CUDA; q/k/v and gate/up as one node each), the
+    # delta added by the base matmul: 8-25% faster than the unfused layers on 8B LoRA and
+    # QLoRA in the same process (benchmarks/RESULTS.md, 2026-12-08)
+    lora: bool = True
     gemv: bool = True  # serving: one-row decode may use kernels/gemv.py where it times faster
     # serving: captured decode buckets may attend through kernels/decode_attention.py
     decode_attention: bool = True
