@@ -110,8 +110,7 @@ def test_fused_function_needs_no_gradient_it_is_not_asked_for():
 def test_layer_takes_the_fused_path_only_where_it_applies(monkeypatch):
     m = layer()
     x = torch.randn(2, 48, device=DEV)
-    assert m._fused_dtype(x) is None  # opt-in: off by default
-    m.kernels = Kernels(lora=True)
+    assert m.kernels.lora  # on by default
     assert m._fused_dtype(x) == (torch.float32 if DEV == "cuda" else None)  # CPU: reference
     monkeypatch.setattr(lora_mod, "fusable_device", lambda x: True)
     assert m._fused_dtype(x) == torch.float32
