@@ -505,3 +505,83 @@ def test_reference_log_probs_precomputed_on_shared_rows_equal_two_rows(tok):
     for a, b in zip(one, two, strict=True):
         for key in REF_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-4)
+
+
+def test_pair_segment_layout_backward_equals_autograd_over_slices():
+    """`PairSegments.attend`'s lay-out and gather (hand-written backward, one concatenation
+    each) give autograd's gradients over plain slices and concatenations, bit for bit, with
+    padding and rows of other lengths; and the backward writes about one tensor of the
+    input's size, where autograd over slices writes one per piece."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llamaforge.model.llama import (
+        CHOSEN_PART,
+        PAD_PART,
+        PROMPT_PART,
+        REJECTED_PART,
+        PairSegments,
+        _PairGather,
+        _PairLayout,
+    )
+
+    torch.manual_seed(0)
+    bounds = ((3, 5, 8), (2, 6, 7), (4, 4, 9))  # (P, P + C, P + C + R); width 9
+    parts = torch.full((3, 9), PAD_PART)
+    for r, (p, pc, end) in enumerate(bounds):
+        parts[r, :p], parts[r, p:pc], parts[r, pc:end] = PROMPT_PART, CHOSEN_PART, REJECTED_PART
+    seg = PairSegments.from_parts(parts)
+    assert seg.bounds == bounds
+    q, k, v = (torch.randn(3, h, 9, 4, requires_grad=True) for h in (4, 2, 2))
+    grad_out = torch.randn(27, 4, 4)
+
+    def reference(q, k, v):  # the layout as autograd over slices would differentiate it
+        def lay_out(x):
+            rows, pieces = x.transpose(1, 2), []
+            for r, (p, pc, end) in enumerate(bounds):
+                pieces += [rows[r, :pc], rows[r, :p], rows[r, pc:end]]
+            return torch.cat(pieces)
+
+        out = _segment_attention(lay_out(q), lay_out(k), lay_out(v), seg.cu_seqlens, seg.max_len)
+        pieces, at = [], 0
+        for p, pc, end in bounds:
+            pieces += [out[at : at + pc], out[at + pc + p : at + p + end]]
+            pieces.append(out.new_zeros(9 - end, *out.shape[1:]))
+            at += p + end
+        return torch.cat(pieces)
+
+    want = reference(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    got = seg.attend(q, k, v, attention=_segment_attention)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+    class Written(TorchDispatchMode):  # elements of the new (non-view) tensors ops write
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            aliases = func._schema.returns and func._schema.returns[0].alias_info is not None
+            if isinstance(out, torch.Tensor) and not aliases:  # views write nothing
+                self.n += out.numel()
+            return out
+
+    def written_by_backward(y, leaf):
+        g = torch.randn_like(y)
+        with Written() as w:
+            torch.autograd.grad(y, leaf, g)
+        return w.n
+
+    rows = q.transpose(1, 2)
+    pieces = [rows[r, s] for r, (p, pc, end) in enumerate(bounds)
+              for s in (slice(0, pc), slice(0, p), slice(pc, end))]  # fmt: skip
+    assert written_by_backward(torch.cat(pieces), q) > 5 * q.numel()  # autograd over slices
+    assert written_by_backward(_PairLayout.apply(rows, bounds), q) < 1.5 * q.numel()
+    out = torch.randn(11, 4, 4, requires_grad=True)  # one row's laid-out outputs, P 3, C 2, R 3
+    pieces = [out[:5], out[8:11], out.new_zeros(1, 4, 4)]
+    assert written_by_backward(torch.cat(pieces), out) > 2 * out.numel()
+    assert written_by_backward(_PairGather.apply(out, ((3, 5, 8),), 9), out) < 1.5 * out.numel()

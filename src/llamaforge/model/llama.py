@@ -11,6 +11,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -184,24 +185,69 @@ class PairSegments:
         """q (B, H, T, D), k/v (B, K, T, D) -> (B*T, H, D); `attention` stands in for flash
         varlen attention over flat tokens (tests on the CPU)."""
         fn = attention or varlen_attention_flat
+        q, k, v = (_PairLayout.apply(x.transpose(1, 2), self.bounds) for x in (q, k, v))
+        out = fn(q, k, v, self.cu_seqlens, self.max_len)  # (G, H, D)
+        return _PairGather.apply(out, self.bounds, self.width)
 
-        def lay_out(x: torch.Tensor) -> torch.Tensor:  # (B, ., T, D) -> (G, ., D)
-            rows = x.transpose(1, 2)  # (B, T, ., D)
-            pieces = []
-            for r, (p, pc, end) in enumerate(self.bounds):
-                pieces += [rows[r, :pc], rows[r, :p], rows[r, pc:end]]
-            return torch.cat(pieces)
 
-        out = fn(lay_out(q), lay_out(k), lay_out(v), self.cu_seqlens, self.max_len)  # (G, H, D)
-        pieces, at = [], 0
-        for p, pc, end in self.bounds:
-            pieces.append(out[at : at + pc])  # prompt and chosen, from the first segment
-            at += pc + p  # the second segment's prompt copy is dropped
-            pieces.append(out[at : at + end - pc])  # rejected
-            at += end - pc
-            if end < self.width:  # padding: zeros (no loss reads it)
-                pieces.append(out.new_zeros(self.width - end, *out.shape[1:]))
+def _zeros_for(x: torch.Tensor, n: int) -> torch.Tensor:
+    """One zero block of n rows shaped like x's rows: sliced for every row's gap."""
+    return x.new_zeros(n, *x.shape[1:])
+
+
+class _PairLayout(torch.autograd.Function):
+    """Rows (B, T, ., D) -> `PairSegments`' laid-out tokens (G, ., D): per row P + C, then
+    P again + R. Its backward writes each row's gradient in one concatenation, the prompt's
+    two copies added in one pass over P; autograd over the slices would zero-fill a whole
+    (B, T, ., D) tensor per piece and add them all up."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, bounds: tuple[tuple[int, int, int], ...]):  # noqa: D102
+        ctx.bounds, ctx.shape = bounds, rows.shape
+        pieces = []
+        for r, (p, pc, end) in enumerate(bounds):
+            pieces += [rows[r, :pc], rows[r, :p], rows[r, pc:end]]
         return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # noqa: D102
+        width = ctx.shape[1]
+        zeros = _zeros_for(g, width - min(end for _, _, end in ctx.bounds))
+        pieces, at = [], 0
+        for p, pc, end in ctx.bounds:
+            first, copy = g[at : at + pc], g[at + pc : at + pc + p]
+            pieces += [first[:p] + copy, first[p:], g[at + pc + p : at + p + end]]
+            pieces.append(zeros[: width - end])  # padding: no gradient
+            at += p + end
+        return torch.cat(pieces).view(ctx.shape), None
+
+
+class _PairGather(torch.autograd.Function):
+    """Laid-out outputs (G, H, D) -> rows (B*T, H, D): prompt and chosen from the first
+    segment, rejected from the second (its prompt copy dropped), zeros for padding. The
+    backward is one concatenation too (zeros where the dropped copy was)."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any, out: torch.Tensor, bounds: tuple[tuple[int, int, int], ...], width: int
+    ) -> torch.Tensor:
+        ctx.bounds, ctx.width = bounds, width
+        zeros = _zeros_for(out, width - min(end for _, _, end in bounds))
+        pieces, at = [], 0
+        for p, pc, end in bounds:
+            pieces += [out[at : at + pc], out[at + pc + p : at + p + end], zeros[: width - end]]
+            at += p + end
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # noqa: D102
+        width = ctx.width
+        zeros = _zeros_for(g, max(p for p, _, _ in ctx.bounds))
+        pieces = []
+        for r, (p, pc, end) in enumerate(ctx.bounds):
+            row = g[r * width : (r + 1) * width]
+            pieces += [row[:pc], zeros[:p], row[pc:end]]
+        return torch.cat(pieces), None, None
 
 
 class Attention(nn.Module):
