@@ -41,6 +41,9 @@
 #           1/8/64 concurrent over 1 and 4 adapters (serve8b16: the 16-adapter rows; peft runs
 #           one static batch per adapter, ~5 min of them alone), each one invocation
 #   serve135m the same for SmolLM2-135M, all adapter counts in one invocation
+#   interleaved  the default against its switches in one process, variants taking turns step
+#           by step (benchmarks/interleaved.py): 8B LoRA and QLoRA against kernels.lora=false
+#           and kernels.residual_rmsnorm=false, DPO against kernels.lora=false
 #   quality_hf    issue 16 item 6, the peer: transformers + peft at llamaforge's settings
 #           (LR=1e-3 EPOCHS=3 HF_QUALITY=path/to/hf_quality.py MODEL=... DATA=dataset.json;
 #           ../shared does not travel to the device: copy the script into the carried tree)
@@ -183,6 +186,18 @@ inbw)
   tp inbw_full1b 150 --workload full1b --stacks llamaforge,llamaforge-inbw --steps 4 --warmup 2
   tp inbw_full1b_10gb 150 --workload full1b --stacks llamaforge-inbw --memory-budget 10 \
     --steps 4 --warmup 2
+  ;;
+interleaved)
+  for w in lora8b qlora8b; do
+    timeout 200 python3 benchmarks/interleaved.py --workload $w --rounds 24 \
+      --variants "default;kernels.lora=false;kernels.residual_rmsnorm=false" \
+      --out "$out/interleaved_$w.json" >"$out/interleaved_$w.log" 2>&1
+    echo "== interleaved $w (exit $?)"; grep "^| " "$out/interleaved_$w.log"
+  done
+  timeout 200 python3 benchmarks/interleaved.py --workload lora8b --objective dpo --rounds 12 \
+    --variants "default;kernels.lora=false" --out "$out/interleaved_dpo.json" \
+    >"$out/interleaved_dpo.log" 2>&1
+  echo "== interleaved dpo (exit $?)"; grep "^| " "$out/interleaved_dpo.log"
   ;;
 fused)
   tp fused_lora8b 150 --workload lora8b \

@@ -77,8 +77,9 @@ def sequences(spec: tt.Spec, prompt: int, gen: torch.Generator, vocab: int) -> l
 # ----------------------------------------------------------------------------- llamaforge
 
 
-def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
-    """The stage's own loss, collation and optimizer on llamaforge's model, step by step.
+def llamaforge_trainee(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> tt.Trainee:
+    """The stage's own loss, collation and optimizer on llamaforge's model; `step(None)`
+    runs one optimizer step on fresh random pairs and returns the loss.
 
     DPO and RM run their default shared-prompt rows (one row a pair, the prompt once) unless
     the stack ends in `-two-rows` (chosen and rejected as two rows, as TRL's)."""
@@ -106,25 +107,31 @@ def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -
     opt = build_optimizer(model, OptimConfig(lr=LR))
     gen = torch.Generator().manual_seed(1)
 
-    def step() -> float:
+    def step(_ids: torch.Tensor | None = None) -> torch.Tensor:
         examples = sequences(spec, prompt, gen, spec.hf_config["vocab_size"])
         batch = {k: v.to(dev) for k, v in collate_fn(examples, 0).items()}
         with autocast_context(precision, dev):
             total, n, _extras = loss_fn(model, batch)
         (total / n).backward()
         tt.optimizer_update(opt, params)
-        return float(total / n)
+        return (total / n).detach()
 
+    return tt.Trainee(step, parameter_counts(model)[0], notes, model)
+
+
+def llamaforge_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
+    """`llamaforge_trainee`'s steps timed as the training loop runs them."""
     from llamaforge.runtime import frozen_gc
 
+    trainee = llamaforge_trainee(name, spec, prompt, dev)
     # what existed before the steps stays out of the collector, as in the loop
     with tt.gpu_sampler(dev) as sampler, frozen_gc():
-        times, losses = timed_steps(step, spec, dev)
+        times, losses = timed_steps(lambda: float(trainee.step(None)), spec, dev)
     return {
         **summary(times, losses, spec, dev),
         **sampler.summary(),
-        "trainable_params": parameter_counts(model)[0],
-        "notes": notes,
+        "trainable_params": trainee.trainable,
+        "notes": trainee.notes,
     }
 
 

@@ -328,6 +328,7 @@ class Trainee:
     step: Callable[[torch.Tensor], torch.Tensor]
     trainable: int
     notes: str
+    model: torch.nn.Module | None = None  # llamaforge's (benchmarks/interleaved.py switches it)
 
 
 def measure(trainee: Trainee, spec: Spec, vocab: int, dev: torch.device) -> dict[str, Any]:
@@ -619,7 +620,7 @@ def llamaforge_trainee(spec: Spec, stack: Stack, dev: torch.device) -> Trainee:
             optimizer_update(opt, params)
         return loss.detach()
 
-    return Trainee(step, parameter_counts(model)[0], notes)
+    return Trainee(step, parameter_counts(model)[0], notes, model)
 
 
 def graph_trainee(model, opt, params, spec: Spec, precision: str, notes: str) -> Trainee:

@@ -205,3 +205,24 @@ def test_preference_speed_tiny(tmp_path):
     assert abs(trl_dpo["loss_mean"] - math.log(2)) < 0.05  # the same pairs through TRL
     assert rm["tokens_per_s"] > 0 and rm["trainable_params"] > dpo["trainable_params"]  # head
     assert report["ratios"]["trl-dpo"]["tokens_per_s"] > 0
+
+
+def test_interleaved_variants_take_turns_in_one_process(tmp_path):
+    """benchmarks/interleaved.py: every variant timed each round on one model; the first
+    variant's paired ratio is 1; a switch it cannot apply per step is refused by name."""
+    bench = _script("interleaved")
+    out = tmp_path / "interleaved.json"
+    variants = "default;kernels.lora=false kernels.rope=false;checkpoint_layers=0"
+    report = bench.main(["--shape", "tiny", "--variants", variants, "--rounds", "2",
+                         "--warmup-rounds", "1", "--threads", "1", "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["tokens_per_step"] == report["tokens_per_step"] > 0
+    results = report["results"]
+    assert list(results) == variants.split(";")
+    assert results["default"]["paired_step_ratio"] == 1.0
+    for r in results.values():
+        assert len(r["step_times_s"]) == 2 and r["losses_finite"] and r["tokens_per_s"] > 0
+    dpo = bench.main(["--shape", "tiny", "--objective", "dpo", "--variants",
+                      "default;kernels.lora=false", "--rounds", "1", "--threads", "1"])  # fmt: skip
+    assert dpo["tokens_per_step"] == 2 * dpo["spec"]["bs"] * dpo["spec"]["seq"]
+    with pytest.raises(SystemExit, match="kernels.adamw=false"):
+        bench.main(["--shape", "tiny", "--variants", "default;kernels.adamw=false"])
