@@ -492,6 +492,24 @@ def test_shared_prompt_rows_on_the_gpu_match_two_rows(tok):
         want, n_want = sequence_logps(model, two)
     assert n_got.tolist() == n_want.tolist()
     torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.02)
+    # and the gradients through the segments' lay-out (its hand-written backward), LoRA
+    # weights in fp32 over the bf16 base, against two rows a pair
+    from llamaforge.adapters.inject import apply_lora
+
+    apply_lora(model, r=4, alpha=8, dropout=0.0, lora_dtype=torch.float32)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(0, 0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.linspace(-1, 1, 2 * len(pairs), device="cuda")
+    grads = []
+    for b in (one, two):
+        with torch.autocast("cuda", torch.bfloat16):  # as the loop runs a bf16 base
+            logps = sequence_logps(model, b)[0]
+        grads.append(torch.autograd.grad((logps * weights).sum(), params))
+    for g, w in zip(*grads, strict=True):
+        torch.testing.assert_close(g, w, atol=0.05 * w.abs().max().item(), rtol=0.05)
 
 
 def test_reference_log_probs_precomputed_on_shared_rows_equal_two_rows(tok):
