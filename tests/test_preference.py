@@ -435,27 +435,34 @@ def test_shared_prompt_rows_give_the_reward_scores_and_loss_of_two_rows(tok):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
-def _segment_attention(q, k, v, cu, max_len):
-    """Causal attention per segment of flat tokens (what flash varlen computes), on the CPU."""
+def _segment_attention(q, k, v, cu, max_len, cu_k=None, max_k=None):
+    """Causal attention per segment of flat tokens (what flash varlen computes), on the CPU;
+    a query segment shorter than its key segment is its last queries (flash's mask lines the
+    last query up with the last key)."""
     import torch.nn.functional as F
 
     out = torch.empty_like(q)
     rep = q.shape[1] // k.shape[1]
-    bounds = cu.tolist()
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    qb, kb = cu.tolist(), (cu if cu_k is None else cu_k).tolist()
+    for a, b, c, d in zip(qb, qb[1:], kb, kb[1:], strict=False):
         if b > a:
-            qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # (H, L, D)
+            qs, ks, vs = q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
             ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
-            out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
-    assert max_len == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+            mask = torch.ones(b - a, d - c, dtype=torch.bool).tril(d - c - (b - a))
+            out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1)
+    assert max_len == max(b - a for a, b in zip(qb, qb[1:], strict=False))
+    assert max_k is None or max_k == max(d - c for c, d in zip(kb, kb[1:], strict=False))
     return out
 
 
-def test_shared_prompt_varlen_segments_equal_the_dense_mask(tok, monkeypatch):
+@pytest.mark.parametrize("queries_once", [False, True])
+def test_shared_prompt_varlen_segments_equal_the_dense_mask(tok, monkeypatch, queries_once):
     """Where flash varlen runs, each pair row is two segments (prompt + chosen, prompt +
-    rejected): the same log-probs and gradients as the dense shared-prompt mask."""
+    rejected): the same log-probs and gradients as the dense shared-prompt mask, with the
+    queries laid out like the keys or (where flash's mask allows) without the prompt copy."""
     from llamaforge.model import llama as llama_mod
 
+    monkeypatch.setattr(llama_mod, "varlen_causal_aligns_end", lambda: queries_once)
     model = _lora_model()
     pairs = [dict(ex) for ex in _pairs(tok).train[:3]]
     pairs[2] = {**pairs[2], "rejected_ids": pairs[2]["rejected_ids"][:2],
@@ -512,6 +519,17 @@ def test_shared_prompt_rows_on_the_gpu_match_two_rows(tok):
         torch.testing.assert_close(g, w, atol=0.05 * w.abs().max().item(), rtol=0.05)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs a GPU")
+def test_flash_varlen_lines_a_shorter_query_segment_up_with_the_keys_end():
+    """What lets shared-prompt rows drop the prompt copy's queries (PairSegments.attend):
+    if this fails they keep them, slower but right."""
+    from llamaforge.kernels.attention import varlen_available, varlen_causal_aligns_end
+
+    if not varlen_available():
+        pytest.skip("this torch has no flash varlen attention")
+    assert varlen_causal_aligns_end()
+
+
 def test_reference_log_probs_precomputed_on_shared_rows_equal_two_rows(tok):
     from llamaforge.train.stages import REF_KEYS, precompute_reference
 
@@ -540,6 +558,8 @@ def test_pair_segment_layout_backward_equals_autograd_over_slices():
         PairSegments,
         _PairGather,
         _PairLayout,
+        _Repad,
+        _Unpad,
     )
 
     torch.manual_seed(0)
@@ -603,3 +623,21 @@ def test_pair_segment_layout_backward_equals_autograd_over_slices():
     pieces = [out[:5], out[8:11], out.new_zeros(1, 4, 4)]
     assert written_by_backward(torch.cat(pieces), out) > 2 * out.numel()
     assert written_by_backward(_PairGather.apply(out, ((3, 5, 8),), 9), out) < 1.5 * out.numel()
+    ends = tuple(end for _, _, end in bounds)
+    assert written_by_backward(_Unpad.apply(rows, ends), q) < 1.5 * q.numel()
+    flat = torch.randn(sum(ends), 4, 4, requires_grad=True)
+    assert written_by_backward(_Repad.apply(flat, ends, 9), flat) < 1.5 * flat.numel()
+
+    # the queries laid out once (no prompt copy): the same outputs and gradients
+    once = seg.attend(q, k, v, attention=_segment_attention, queries_once=True)
+    torch.testing.assert_close(once, want, atol=1e-6, rtol=1e-5)
+    for g, w in zip(torch.autograd.grad(once, (q, k, v), grad_out), want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    full = PairSegments.from_parts(torch.tensor([[0, 0, 1, 2, 2], [0, 1, 1, 1, 2]]))
+    assert full.bounds == ((2, 3, 5), (1, 4, 5))  # no padding: the rows are the queries
+    qf, kf, vf = (torch.randn(2, h, 5, 4, requires_grad=True) for h in (4, 2, 2))
+    args = (qf, kf, vf, _segment_attention)
+    torch.testing.assert_close(
+        full.attend(*args, queries_once=True), full.attend(*args, queries_once=False),
+        atol=1e-6, rtol=1e-5,
+    )  # fmt: skip

@@ -51,9 +51,20 @@ def varlen_attention(
 
 
 def varlen_attention_flat(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_len_k: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention within segments of flat tokens: q (N, H, D), k/v (N, K, D) -> (N, H, D)."""
+    """Causal attention within segments of flat tokens: q (N, H, D), k/v (M, K, D) -> (N, H, D).
+
+    `cu_seqlens_k` / `max_len_k` give key segments apart from the query ones (default: the
+    same). A query segment shorter than its key segment is its last queries: flash lines the
+    causal mask up with the segment's end (see `varlen_causal_aligns_end`).
+    """
     found = _varlen()
     if found is None:
         raise RuntimeError("torch.nn.attention.varlen.varlen_attn is not available")
@@ -73,4 +84,30 @@ def varlen_attention_flat(
         else:
             k = k.repeat_interleave(h // n_kv, dim=1)
             v = v.repeat_interleave(h // n_kv, dim=1)
-    return fn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal, **gqa)
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    max_k = max_len if max_len_k is None else max_len_k
+    return fn(q, k, v, cu_seqlens, cu_k, max_len, max_k, **causal, **gqa)
+
+
+@functools.cache
+def varlen_causal_aligns_end() -> bool:
+    """Whether flash varlen's causal mask, for a query segment shorter than its key segment,
+    lets the last query see every key (flash attention 2's bottom-right alignment), checked
+    once on the GPU against SDPA with that mask written out. False off CUDA, or if the call
+    fails or disagrees; callers then keep query and key segments the same length."""
+    if not varlen_available():
+        return False
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(n, 1, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for n in (2, 5, 5)
+    )
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device="cuda") for n in (2, 5))
+    try:
+        got = varlen_attention_flat(q, k, v, cu_q, 2, cu_k, 5)
+    except RuntimeError:
+        return False
+    end_aligned = torch.ones(2, 5, dtype=torch.bool, device="cuda").tril(3)  # query i: keys <= i+3
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(0, 1).float() for x in (q, k, v)), attn_mask=end_aligned
+    ).transpose(0, 1)
+    return torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)

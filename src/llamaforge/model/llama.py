@@ -19,7 +19,12 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..kernels import Kernels, use_kernel
-from ..kernels.attention import varlen_attention, varlen_attention_flat, varlen_available
+from ..kernels.attention import (
+    varlen_attention,
+    varlen_attention_flat,
+    varlen_available,
+    varlen_causal_aligns_end,
+)
 from ..kernels.rmsnorm import add_rms_norm, rms_norm
 from ..kernels.rope import rope
 from ..kernels.swiglu import swiglu
@@ -159,12 +164,20 @@ class PairSegments:
     dropped, and every position takes its output from its own segment. Slices and
     concatenations only: the backward sums the two prompt copies' gradients without
     atomics, so the layout adds no nondeterminism of its own.
+
+    Where flash lines a shorter query segment up with the end of its keys
+    (`varlen_causal_aligns_end`, checked once on the GPU), only the keys and values are laid
+    out so: the queries are each row's own tokens (P + C, then R, against the keys of P + C
+    and of P + R), so the prompt copy costs no attention and no output, and rows without
+    padding need no query copy at all.
     """
 
     bounds: tuple[tuple[int, int, int], ...]  # per row: (P, P + C, P + C + R)
     width: int  # T, the padded row length
     cu_seqlens: torch.Tensor  # (2B+1,) int32 segment starts over the laid-out tokens
     max_len: int
+    cu_seqlens_q: torch.Tensor  # (2B+1,) int32 segment starts over the rows' own tokens
+    max_len_q: int
 
     @classmethod
     def from_parts(cls, parts: torch.Tensor) -> PairSegments:
@@ -174,20 +187,40 @@ class PairSegments:
         n_c = (host == CHOSEN_PART).sum(1).tolist()
         n_all = (host != PAD_PART).sum(1).tolist()
         bounds = tuple((p, p + c, end) for p, c, end in zip(n_p, n_c, n_all, strict=True))
-        cu, lens = [0], []
+        cu, lens, cu_q, lens_q = [0], [], [0], []
         for p, pc, end in bounds:
             lens += [pc, p + end - pc]
             cu += [cu[-1] + pc, cu[-1] + p + end]
-        cu_t = torch.tensor(cu, dtype=torch.int32, device=parts.device)
-        return cls(bounds, host.shape[1], cu_t, max(lens))
+            lens_q += [pc, end - pc]
+            cu_q += [cu_q[-1] + pc, cu_q[-1] + end]
+        cu_t, cu_q_t = (torch.tensor(c, dtype=torch.int32, device=parts.device) for c in (cu, cu_q))
+        return cls(bounds, host.shape[1], cu_t, max(lens), cu_q_t, max(lens_q))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention=None):
-        """q (B, H, T, D), k/v (B, K, T, D) -> (B*T, H, D); `attention` stands in for flash
-        varlen attention over flat tokens (tests on the CPU)."""
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention=None,
+        queries_once: bool | None = None,
+    ) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, K, T, D) -> (B*T, H, D). `attention` stands in for flash
+        varlen attention over flat tokens (tests on the CPU); `queries_once` lays the queries
+        out without the prompt copy (None: where flash's causal mask allows it)."""
         fn = attention or varlen_attention_flat
-        q, k, v = (_PairLayout.apply(x.transpose(1, 2), self.bounds) for x in (q, k, v))
-        out = fn(q, k, v, self.cu_seqlens, self.max_len)  # (G, H, D)
-        return _PairGather.apply(out, self.bounds, self.width)
+        if queries_once is None:
+            queries_once = attention is None and varlen_causal_aligns_end()
+        k, v = (_PairLayout.apply(x.transpose(1, 2), self.bounds) for x in (k, v))
+        if not queries_once:
+            q = _PairLayout.apply(q.transpose(1, 2), self.bounds)
+            out = fn(q, k, v, self.cu_seqlens, self.max_len)  # (G, H, D)
+            return _PairGather.apply(out, self.bounds, self.width)
+        ends = tuple(end for _, _, end in self.bounds)
+        rows = q.transpose(1, 2)  # (B, T, H, D)
+        padded = min(ends) < self.width  # without padding the rows are the queries as they are
+        q = _Unpad.apply(rows, ends) if padded else rows.reshape(-1, *rows.shape[2:])
+        out = fn(q, k, v, self.cu_seqlens_q, self.max_len_q, self.cu_seqlens, self.max_len)
+        return _Repad.apply(out, ends, self.width) if padded else out
 
 
 def _zeros_for(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -220,6 +253,48 @@ class _PairLayout(torch.autograd.Function):
             pieces.append(zeros[: width - end])  # padding: no gradient
             at += p + end
         return torch.cat(pieces).view(ctx.shape), None
+
+
+def _unpad(rows: torch.Tensor, ends: tuple[int, ...]) -> torch.Tensor:
+    """Rows (B, T, ...) -> their first ends[r] tokens each, one after another (N, ...)."""
+    return torch.cat([rows[r, :end] for r, end in enumerate(ends)])
+
+
+def _repad(flat: torch.Tensor, ends: tuple[int, ...], width: int) -> torch.Tensor:
+    """`_unpad`'s inverse: (N, ...) -> (B*width, ...), zeros after each row's end."""
+    zeros = _zeros_for(flat, width - min(ends))
+    pieces, at = [], 0
+    for end in ends:
+        pieces += [flat[at : at + end], zeros[: width - end]]
+        at += end
+    return torch.cat(pieces)
+
+
+class _Unpad(torch.autograd.Function):
+    """`_unpad` whose backward is one `_repad` (not a zero-filled tensor per row)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, ends: tuple[int, ...]) -> torch.Tensor:  # noqa: D102
+        ctx.ends, ctx.shape = ends, rows.shape
+        return _unpad(rows, ends)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # noqa: D102
+        return _repad(g, ctx.ends, ctx.shape[1]).view(ctx.shape), None
+
+
+class _Repad(torch.autograd.Function):
+    """`_repad` whose backward is one `_unpad`."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, ends: tuple[int, ...], width: int):  # noqa: D102
+        ctx.ends, ctx.width = ends, width
+        return _repad(flat, ends, width)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # noqa: D102
+        rows = g.reshape(len(ctx.ends), ctx.width, *g.shape[1:])
+        return _unpad(rows, ctx.ends), None, None
 
 
 class _PairGather(torch.autograd.Function):
