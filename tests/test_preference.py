@@ -519,6 +519,25 @@ def test_shared_prompt_rows_on_the_gpu_match_two_rows(tok):
         torch.testing.assert_close(g, w, atol=0.05 * w.abs().max().item(), rtol=0.05)
 
 
+def test_the_end_alignment_check_tells_the_two_causal_masks_apart():
+    """The check behind `varlen_causal_aligns_end`, with stand-ins for flash: one that lines
+    a shorter query segment up with the end of its keys passes, one that starts them
+    together (top-left, as SDPA's is_causal) fails."""
+    import torch.nn.functional as F
+
+    from llamaforge.kernels.attention import _check_end_alignment
+
+    def top_left(q, k, v, cu_q, max_q, cu_k, max_k):
+        mask = torch.ones(max_q, max_k, dtype=torch.bool).tril(0)
+        out = F.scaled_dot_product_attention(
+            *(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask
+        )
+        return out.transpose(0, 1)
+
+    assert _check_end_alignment("cpu", _segment_attention)
+    assert not _check_end_alignment("cpu", top_left)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs a GPU")
 def test_flash_varlen_lines_a_shorter_query_segment_up_with_the_keys_end():
     """What lets shared-prompt rows drop the prompt copy's queries (PairSegments.attend):

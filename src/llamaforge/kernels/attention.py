@@ -97,16 +97,23 @@ def varlen_causal_aligns_end() -> bool:
     fails or disagrees; callers then keep query and key segments the same length."""
     if not varlen_available():
         return False
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    # first asked inside a model's forward: keep autocast and autograd out of the check
+    with torch.no_grad(), torch.autocast("cuda", enabled=False):
+        return _check_end_alignment()
+
+
+def _check_end_alignment(device: str = "cuda", attention: Any = None) -> bool:
+    """`varlen_causal_aligns_end`'s check; `attention` stands in for flash (CPU tests)."""
+    gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (
-        torch.randn(n, 1, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for n in (2, 5, 5)
+        torch.randn(n, 1, 64, device=device, dtype=torch.bfloat16, generator=gen) for n in (2, 5, 5)
     )
-    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device="cuda") for n in (2, 5))
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=device) for n in (2, 5))
     try:
-        got = varlen_attention_flat(q, k, v, cu_q, 2, cu_k, 5)
+        got = (attention or varlen_attention_flat)(q, k, v, cu_q, 2, cu_k, 5)
     except RuntimeError:
         return False
-    end_aligned = torch.ones(2, 5, dtype=torch.bool, device="cuda").tril(3)  # query i: keys <= i+3
+    end_aligned = torch.ones(2, 5, dtype=torch.bool, device=device).tril(3)  # query i: keys <= i+3
     want = torch.nn.functional.scaled_dot_product_attention(
         *(x.transpose(0, 1).float() for x in (q, k, v)), attn_mask=end_aligned
     ).transpose(0, 1)
