@@ -30,6 +30,8 @@
 #   budget  8B LoRA under a 16.7 GB plan and QLoRA under 7.0 GB (Unsloth's peaks): the plan
 #           offloads only as many checkpointed inputs as it needs (`activation_offload_layers`)
 #   dpo     DPO on 8B LoRA: shared-prompt rows, two rows a pair, TRL DPOTrainer + peft
+#   dpopre  the same with the reference log-probs precomputed in both stacks
+#           (dpo.reference: precompute against precompute_ref_log_probs=True)
 #   inbw    1B full fine-tuning with AdamW applied inside the backward (optim.step_in_backward:
 #           gradients freed as applied) against the default, then under a 10 GB budget plan
 #   fused   the LoRA layer as one autograd node (`kernels.lora`) and the residual add fused
@@ -181,6 +183,12 @@ dpo)
     --stacks llamaforge-dpo,llamaforge-dpo-two-rows,trl-dpo --out "$out/dpo_shared.json" \
     >"$out/dpo_shared.log" 2>&1
   echo "== dpo (exit $?)"; grep "^| " "$out/dpo_shared.log" | tail -8
+  ;;
+dpopre)
+  timeout 420 python3 benchmarks/preference_speed.py --steps 4 --warmup 2 \
+    --stacks llamaforge-dpo,trl-dpo,llamaforge-dpo-precomputed,trl-dpo-precomputed \
+    --out "$out/dpo_precomputed.json" >"$out/dpo_precomputed.log" 2>&1
+  echo "== dpopre (exit $?)"; grep "^| " "$out/dpo_precomputed.log" | tail -10
   ;;
 inbw)
   tp inbw_full1b 150 --workload full1b --stacks llamaforge,llamaforge-inbw --steps 4 --warmup 2

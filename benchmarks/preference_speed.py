@@ -11,7 +11,10 @@ and as many for the rejected side), random token ids, gradient checkpointing (no
 AdamW, clipping at 1.0, DPO sigmoid loss with beta 0.1 and the reference = the same base with
 adapters switched off (neither stack keeps a second model). llamaforge's DPO puts each pair in
 one row by default, the prompt once and the rejected answer masked from the chosen one
-(`dpo.shared_prompt`; the stack `llamaforge-dpo-two-rows` turns it off). Tokens/s counts every
+(`dpo.shared_prompt`; the stack `llamaforge-dpo-two-rows` turns it off). The `-precomputed`
+stacks, llamaforge's `dpo.reference: precompute` and TRL's `precompute_ref_log_probs=True`,
+compute the reference log-probs of every pair once before the timed steps (untimed in both),
+so a step is the policy's forward and backward alone. Tokens/s counts every
 token of both sequences of every pair, the prompt twice, whichever layout runs (8,192 a step at
 the default shape), over the median step time after the warm-up steps; peak memory is the peak
 allocated during training (weights included). TRL is driven through its own `train()` with a
@@ -45,8 +48,10 @@ STACKS = {
     "llamaforge-dpo": ("dpo", "llamaforge"),
     "llamaforge-dpo-two-rows": ("dpo", "llamaforge, dpo.shared_prompt false"),
     "llamaforge-dpo-host": ("dpo", "llamaforge, input embeddings in host memory"),
+    "llamaforge-dpo-precomputed": ("dpo", "llamaforge, reference log-probs precomputed"),
     "trl-dpo": ("dpo", "TRL DPOTrainer + peft"),
     "trl-dpo-liger": ("dpo", "TRL DPOTrainer + peft + Liger kernels"),
+    "trl-dpo-precomputed": ("dpo", "TRL DPOTrainer + peft, precompute_ref_log_probs"),
     "llamaforge-rm": ("rm", "llamaforge"),
     "llamaforge-rm-two-rows": ("rm", "llamaforge, rm.shared_prompt false"),
     "trl-rm": ("rm", "TRL RewardTrainer + peft"),
@@ -94,6 +99,9 @@ def llamaforge_trainee(name: str, spec: tt.Spec, prompt: int, dev: torch.device)
     cfg = RunConfig(model="random", data=DataConfig(path="-"), stage=objective, method=spec.method)
     cfg.dpo.beta = BETA
     cfg.dpo.shared_prompt = cfg.rm.shared_prompt = not name.endswith("-two-rows")
+    precomputed = name.endswith("-precomputed")
+    if precomputed:
+        cfg.dpo.reference = "precompute"
     stage = STAGES[objective]
     collate_fn = stage.batches(cfg)
     if stage.prepare is not None:  # the reward head (trainable: added after the frozen base)
@@ -107,8 +115,24 @@ def llamaforge_trainee(name: str, spec: tt.Spec, prompt: int, dev: torch.device)
     opt = build_optimizer(model, OptimConfig(lr=LR))
     gen = torch.Generator().manual_seed(1)
 
+    ready: list[list[dict]] = []
+    if precomputed:  # every step's pairs made and scored by the starting model up front
+        from llamaforge.train.stages import precompute_reference
+
+        vocab = spec.hf_config["vocab_size"]
+        ready = [
+            sequences(spec, prompt, gen, vocab) for _ in range(max(spec.warmup + spec.steps, 4))
+        ]
+        with autocast_context(precision, dev):
+            precompute_reference(model, [e for s in ready for e in s], 0, spec.bs, collate_fn)
+        notes += "; reference log-probs precomputed before the timed steps"
+    turn = iter(range(1 << 62))
+
     def step(_ids: torch.Tensor | None = None) -> torch.Tensor:
-        examples = sequences(spec, prompt, gen, spec.hf_config["vocab_size"])
+        if ready:  # the precomputed steps in turn (again from the first once all are used)
+            examples = ready[next(turn) % len(ready)]
+        else:
+            examples = sequences(spec, prompt, gen, spec.hf_config["vocab_size"])
         batch = {k: v.to(dev) for k, v in collate_fn(examples, 0).items()}
         with autocast_context(precision, dev):
             total, n, _extras = loss_fn(model, batch)
@@ -270,7 +294,10 @@ def trl_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
     ds = datasets.Dataset.from_list(rows)
     if objective == "dpo":
         args = trl.DPOConfig(
-            **common, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=False
+            **common,
+            beta=BETA,
+            loss_type=["sigmoid"],
+            precompute_ref_log_probs=name.endswith("-precomputed"),
         )
         trainer = trl.DPOTrainer(
             model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora
@@ -327,11 +354,13 @@ def run_child(name: str, spec: tt.Spec, prompt: int, timeout: float) -> dict:
 
 
 def ratios(results: dict[str, dict]) -> dict[str, dict[str, float | None]]:
-    """llamaforge / each TRL stack of the same objective: tokens/s and peak memory."""
+    """llamaforge / each TRL stack of the same objective (and the same reference: precomputed
+    against precomputed): tokens/s and peak memory."""
     out = {}
     for name, r in results.items():
         objective = STACKS[name][0]
-        ours = results.get(f"llamaforge-{objective}", {})
+        same = "-precomputed" if name.endswith("-precomputed") else ""
+        ours = results.get(f"llamaforge-{objective}{same}", {})
         if name.startswith("llamaforge") or "tokens_per_s" not in r or "tokens_per_s" not in ours:
             continue
         mem = (ours.get("peak_alloc_gb"), r.get("peak_alloc_gb"))

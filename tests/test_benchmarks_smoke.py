@@ -195,14 +195,18 @@ def test_train_throughput_sweep_stops_a_stack_after_out_of_memory(monkeypatch, c
 def test_preference_speed_tiny(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "preference_speed.json"
-    stacks = "llamaforge-dpo,trl-dpo,llamaforge-rm"
+    stacks = "llamaforge-dpo,trl-dpo,llamaforge-rm,llamaforge-dpo-precomputed,trl-dpo-precomputed"
     _script("preference_speed").main(
         ["--shape", "tiny", "--steps", "1", "--warmup", "1", "--stacks", stacks, "--out", str(out)]
     )
     report = json.loads(out.read_text())
-    dpo, trl_dpo, rm = (report["results"][n] for n in stacks.split(","))
+    dpo, trl_dpo, rm, pre, trl_pre = (report["results"][n] for n in stacks.split(","))
     assert abs(dpo["loss_first"] - math.log(2)) < 1e-3  # reference = policy at step 0
     assert abs(trl_dpo["loss_mean"] - math.log(2)) < 0.05  # the same pairs through TRL
+    # precomputed by the starting model (policy = reference): ln 2 at step 0 all the same
+    assert abs(pre["loss_first"] - math.log(2)) < 1e-3 and "precomputed" in pre["notes"]
+    assert abs(trl_pre["loss_mean"] - math.log(2)) < 0.05
+    assert set(report["ratios"]) == {"trl-dpo", "trl-dpo-precomputed"}
     assert rm["tokens_per_s"] > 0 and rm["trainable_params"] > dpo["trainable_params"]  # head
     assert report["ratios"]["trl-dpo"]["tokens_per_s"] > 0
 
