@@ -94,12 +94,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     losses: dict[str, list[float]] = {n: [] for n in names}
     cuda = dev.type == "cuda"
     with frozen_gc():  # as the training loop runs its steps
+        variants = list(zip(names, settings, strict=True))
         for r in range(args.warmup_rounds + args.rounds):
-            k = r % len(names)
-            for name, s in (
-                list(zip(names, settings, strict=True))[k:]
-                + list(zip(names, settings, strict=True))[:k]
-            ):
+            k = r % len(variants)  # each round starts one variant later
+            for name, s in variants[k:] + variants[:k]:
                 model.set_kernels(dataclasses.replace(base_kernels, **s["kernels"]))
                 model.checkpoint_layers = s.get("checkpoint_layers", base_ckpt)
                 ids = torch.randint(0, vocab, (spec.bs, spec.seq), device=dev, generator=gen)

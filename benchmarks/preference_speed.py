@@ -30,6 +30,7 @@ A stack whose package is missing is reported as skipped; one that runs out of me
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -114,25 +115,22 @@ def llamaforge_trainee(name: str, spec: tt.Spec, prompt: int, dev: torch.device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, OptimConfig(lr=LR))
     gen = torch.Generator().manual_seed(1)
+    vocab = spec.hf_config["vocab_size"]
 
-    ready: list[list[dict]] = []
+    ready = None
     if precomputed:  # every step's pairs made and scored by the starting model up front
         from llamaforge.train.stages import precompute_reference
 
-        vocab = spec.hf_config["vocab_size"]
-        ready = [
+        steps = [
             sequences(spec, prompt, gen, vocab) for _ in range(max(spec.warmup + spec.steps, 4))
         ]
         with autocast_context(precision, dev):
-            precompute_reference(model, [e for s in ready for e in s], 0, spec.bs, collate_fn)
+            precompute_reference(model, [e for s in steps for e in s], 0, spec.bs, collate_fn)
         notes += "; reference log-probs precomputed before the timed steps"
-    turn = iter(range(1 << 62))
+        ready = itertools.cycle(steps)  # again from the first once all are used
 
     def step(_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if ready:  # the precomputed steps in turn (again from the first once all are used)
-            examples = ready[next(turn) % len(ready)]
-        else:
-            examples = sequences(spec, prompt, gen, spec.hf_config["vocab_size"])
+        examples = next(ready) if ready is not None else sequences(spec, prompt, gen, vocab)
         batch = {k: v.to(dev) for k, v in collate_fn(examples, 0).items()}
         with autocast_context(precision, dev):
             total, n, _extras = loss_fn(model, batch)
