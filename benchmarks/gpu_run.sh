@@ -32,6 +32,9 @@
 #   dpo     DPO on 8B LoRA: shared-prompt rows, two rows a pair, TRL DPOTrainer + peft
 #   dpopre  the same with the reference log-probs precomputed in both stacks
 #           (dpo.reference: precompute against precompute_ref_log_probs=True)
+#   dpoq    DPO on 8B QLoRA: llamaforge's NF4 (and with the input table in host memory)
+#           against TRL DPOTrainer + peft on bitsandbytes NF4 + DQ (bitsandbytes, trl,
+#           datasets wheels on PYTHONPATH; the random model saved once to /tmp/l8b)
 #   inbw    1B full fine-tuning with AdamW applied inside the backward (optim.step_in_backward:
 #           gradients freed as applied) against the default, then under a 10 GB budget plan
 #   fused   the LoRA layer as one autograd node (`kernels.lora`) and the residual add fused
@@ -189,6 +192,12 @@ dpopre)
     --stacks llamaforge-dpo,trl-dpo,llamaforge-dpo-precomputed,trl-dpo-precomputed \
     --out "$out/dpo_precomputed.json" >"$out/dpo_precomputed.log" 2>&1
   echo "== dpopre (exit $?)"; grep "^| " "$out/dpo_precomputed.log" | tail -10
+  ;;
+dpoq)
+  timeout 480 python3 benchmarks/preference_speed.py --workload qlora8b --steps 4 --warmup 2 \
+    --stacks llamaforge-dpo,llamaforge-dpo-host,trl-dpo --model-dir /tmp/l8b \
+    --out "$out/dpo_qlora.json" >"$out/dpo_qlora.log" 2>&1
+  echo "== dpoq (exit $?)"; grep "^| " "$out/dpo_qlora.log" | tail -8
   ;;
 inbw)
   tp inbw_full1b 150 --workload full1b --stacks llamaforge,llamaforge-inbw --steps 4 --warmup 2

@@ -21,7 +21,13 @@ allocated during training (weights included). TRL is driven through its own `tra
 callback that times each optimizer step; its text datasets go through a word-level tokenizer
 whose words are the token ids, so it sees exactly the same lengths.
 
+`--workload qlora8b` runs the same stacks over a 4-bit base: llamaforge's NF4 + double quant
+(bf16 compute, its fused LoRA layers) against TRL + peft on transformers' model loaded with
+bitsandbytes NF4 + double quant (bf16 compute), from a random model saved once to disk;
+neither upcasts the rest of the model (TRL 1.x does not call `prepare_model_for_kbit_training`).
+
     python benchmarks/preference_speed.py --out preference_speed.json          # 8B, GPU
+    python benchmarks/preference_speed.py --workload qlora8b --stacks llamaforge-dpo,trl-dpo
     python benchmarks/preference_speed.py --shape tiny --steps 2 --warmup 1     # CPU smoke test
 
 A stack whose package is missing is reported as skipped; one that runs out of memory as such.
@@ -30,11 +36,14 @@ A stack whose package is missing is reported as skipped; one that runs out of me
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -58,6 +67,7 @@ STACKS = {
     "trl-rm": ("rm", "TRL RewardTrainer + peft"),
 }
 BETA, LR = 0.1, 2e-4
+METHODS = {"lora": "LoRA", "qlora": "QLoRA (NF4 + double quant)"}
 
 
 def sequences(spec: tt.Spec, prompt: int, gen: torch.Generator, vocab: int) -> list[dict]:
@@ -228,24 +238,49 @@ class StepTimer:
         return _Timer()
 
 
+def trl_model(objective: str, spec: tt.Spec, dev: torch.device, dtype: torch.dtype):
+    """transformers' model for TRL: built in place from the config (LoRA), or for QLoRA the
+    saved random weights loaded as bitsandbytes NF4 + double quant with `dtype` compute
+    (as `hf_baseline.py` and train_throughput's `hf` QLoRA stack load them)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+
+    auto = AutoModelForCausalLM if objective == "dpo" else AutoModelForSequenceClassification
+    extra = {"pad_token_id": spec.hf_config["vocab_size"] - 2, "num_labels": 1}
+    if spec.method == "qlora":
+        tt.need("bitsandbytes")
+        if spec.model_dir is None:
+            raise tt.Skip("no saved model folder for bitsandbytes to load")
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        model = auto.from_pretrained(
+            spec.model_dir,
+            quantization_config=quant,
+            dtype=dtype,
+            device_map={"": 0 if dev.type == "cuda" else "cpu"},
+            **extra,
+        )
+        if objective == "rm":  # the new, randomly drawn head in the compute dtype
+            model.score.to(dtype)
+        return model
+    with torch.device(dev):
+        return auto.from_config(LlamaConfig(**{**spec.hf_config, **extra}), dtype=dtype)
+
+
 def trl_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
     datasets, peft, trl = (tt.need(m) for m in ("datasets", "peft", "trl"))
     liger = name.endswith("liger")
     if liger:
         tt.need("liger_kernel")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
-
     objective = STACKS[name][0]
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    hf = LlamaConfig(
-        **{**spec.hf_config, "pad_token_id": spec.hf_config["vocab_size"] - 2, "num_labels": 1}
-    )
-    with torch.device(dev):
-        if objective == "dpo":
-            model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
-        else:
-            model = AutoModelForSequenceClassification.from_config(hf, dtype=dtype)
+    model = trl_model(objective, spec, dev, dtype)
     tok = word_tokenizer(spec.hf_config["vocab_size"])
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -315,8 +350,11 @@ def trl_child(name: str, spec: tt.Spec, prompt: int, dev: torch.device) -> dict:
     trainer.add_callback(timer)
     with tt.gpu_sampler(dev) as sampler:
         out = trainer.train()
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    notes = f"{tt.dtype_name(dtype)} base, peft LoRA" + (", Liger kernels" if liger else "")
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in trained)
+    base = "bnb NF4+DQ base" if spec.method == "qlora" else f"{tt.dtype_name(dtype)} base"
+    kinds = "/".join(sorted({tt.dtype_name(p.dtype) for p in trained}))  # TRL: bf16 for QLoRA
+    notes = f"{base}, peft LoRA ({kinds} trained weights)" + (", Liger kernels" if liger else "")
     res = {**summary(timer.times, [], spec, dev), **sampler.summary()}
     return {**res, "loss_mean": out.training_loss, "trainable_params": trainable, "notes": notes}
 
@@ -370,11 +408,10 @@ def ratios(results: dict[str, dict]) -> dict[str, dict[str, float | None]]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    s = report["spec"]
+    s, prompt = report["spec"], report["prompt_tokens"]
     lines = [
-        f"{report['device']}; {s['preset']} LoRA r{s['rank']}, {s['bs']} pairs of "
-        f"{report['prompt_tokens']} prompt + {s['seq'] - report['prompt_tokens']} answer tokens "
-        "a side; "
+        f"{report['device']}; {s['preset']} {METHODS[s['method']]} r{s['rank']}, "
+        f"{s['bs']} pairs of {prompt} prompt + {s['seq'] - prompt} answer tokens a side; "
         f"median of {s['steps']} steps after {s['warmup']}",
         "",
         "| stage | stack | tokens/s | step s | peak alloc GB | loss | notes |",
@@ -404,7 +441,16 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stacks", default=",".join(STACKS), help=f"comma list of {', '.join(STACKS)}")
-    p.add_argument("--workload", default="lora8b", help="as train_throughput.py (lora/qlora)")
+    p.add_argument(
+        "--workload",
+        default="lora8b",
+        help="as train_throughput.py, lora or qlora (qlora: TRL on bitsandbytes NF4 + DQ)",
+    )
+    p.add_argument(
+        "--model-dir",
+        help="qlora: the folder of the saved random model bitsandbytes loads, written there "
+        "if it holds none and kept (default: a temporary folder, removed afterwards)",
+    )
     p.add_argument("--pairs", type=int, default=2, help="pairs per step")
     p.add_argument(
         "--seq", type=int, default=None, help="prompt + answer tokens a side (2048; tiny 128)"
@@ -430,6 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
         rank=a.rank, threads=None,
     )  # fmt: skip
     spec = tt.make_spec(args)
+    if spec.method not in METHODS:
+        raise SystemExit(f"--workload {a.workload}: preference speed runs lora or qlora")
     prompt = a.prompt_tokens or spec.seq // 2
     if not 0 < prompt < spec.seq:
         raise SystemExit(f"--prompt-tokens {prompt}: must be between 0 and --seq {spec.seq}")
@@ -437,12 +485,27 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in STACKS]
     if unknown:
         raise SystemExit(f"--stacks: unknown {unknown}; choose from {list(STACKS)}")
-    results = {}
-    for name in names:
-        tt.log(f"training {name} ...")
-        results[name] = run_child(name, replace(spec), prompt, a.timeout)
-        r = results[name]
-        tt.log(f"  {name}: {tt.summary(r) if 'tokens_per_s' in r else r}")
+    results: dict[str, dict] = {}
+    made = None
+    spec.model_dir = a.model_dir
+    trl_qlora = spec.method == "qlora" and any(n.startswith("trl") for n in names)
+    if trl_qlora and importlib.util.find_spec("bitsandbytes") is not None:
+        if spec.model_dir is None:
+            made = spec.model_dir = tempfile.mkdtemp(prefix="lf-pref-")
+        if not (Path(spec.model_dir) / "config.json").exists():
+            tt.log(f"saving a random model for bitsandbytes to {spec.model_dir} ...")
+            saved = tt.run_child("make-dir", spec, a.timeout, False)
+            if "error" in saved:  # the TRL stacks then fail to load it and say so
+                tt.log(f"  saving failed: {saved['error']}")
+    try:
+        for name in names:
+            tt.log(f"training {name} ...")
+            results[name] = run_child(name, replace(spec), prompt, a.timeout)
+            r = results[name]
+            tt.log(f"  {name}: {tt.summary(r) if 'tokens_per_s' in r else r}")
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
     dev = tt.device()
     report = {
         "device": torch.cuda.get_device_name()

@@ -211,6 +211,24 @@ def test_preference_speed_tiny(tmp_path):
     assert report["ratios"]["trl-dpo"]["tokens_per_s"] > 0
 
 
+def test_preference_speed_qlora_puts_trl_on_bitsandbytes_nf4(tmp_path):
+    """--workload qlora8b: TRL loads the saved random model as bitsandbytes NF4 + DQ (the
+    folder made for it and removed after), llamaforge quantises its own; both start at ln 2."""
+    for module in ("trl", "bitsandbytes"):
+        pytest.importorskip(module)
+    model_dir = tmp_path / "model"
+    report = _script("preference_speed").main(
+        ["--workload", "qlora8b", "--shape", "tiny", "--steps", "1", "--warmup", "0",
+         "--stacks", "llamaforge-dpo,trl-dpo", "--model-dir", str(model_dir)]
+    )  # fmt: skip
+    ours, trl = report["results"]["llamaforge-dpo"], report["results"]["trl-dpo"]
+    assert "NF4" in ours["notes"] and "bnb NF4+DQ base" in trl["notes"]
+    assert abs(ours["loss_first"] - math.log(2)) < 1e-3
+    assert abs(trl["loss_mean"] - math.log(2)) < 0.05
+    assert (model_dir / "config.json").exists()  # a folder the caller named is kept
+    assert report["ratios"]["trl-dpo"]["tokens_per_s"] > 0
+
+
 def test_interleaved_variants_take_turns_in_one_process(tmp_path):
     """benchmarks/interleaved.py: every variant timed each round on one model; the first
     variant's paired ratio is 1; a switch it cannot apply per step is refused by name."""
