@@ -49,6 +49,9 @@
 #   interleaved  the default against its switches in one process, variants taking turns step
 #           by step (benchmarks/interleaved.py): 8B LoRA and QLoRA against kernels.lora=false
 #           and kernels.residual_rmsnorm=false, DPO against kernels.lora=false
+#   keepattn  checkpointed blocks keeping the attention kernel's outputs (keep_attention=true,
+#           `activation_checkpointing_keep_attention`) against the default, taking turns in one
+#           process: 8B LoRA at 2 x 2048, then the DPO step
 #   quality_hf    issue 16 item 6, the peer: transformers + peft at llamaforge's settings
 #           (LR=1e-3 EPOCHS=3 HF_QUALITY=path/to/hf_quality.py MODEL=... DATA=dataset.json;
 #           ../shared does not travel to the device: copy the script into the carried tree)
@@ -215,6 +218,16 @@ interleaved)
     --variants "default;kernels.lora=false" --out "$out/interleaved_dpo.json" \
     >"$out/interleaved_dpo.log" 2>&1
   echo "== interleaved dpo (exit $?)"; grep "^| " "$out/interleaved_dpo.log"
+  ;;
+keepattn)
+  timeout 200 python3 benchmarks/interleaved.py --workload lora8b --rounds 16 \
+    --variants "default;keep_attention=true" --out "$out/keepattn_lora8b.json" \
+    >"$out/keepattn_lora8b.log" 2>&1
+  echo "== keepattn lora8b (exit $?)"; grep "^| " "$out/keepattn_lora8b.log"
+  timeout 200 python3 benchmarks/interleaved.py --workload lora8b --objective dpo --rounds 10 \
+    --variants "default;keep_attention=true" --out "$out/keepattn_dpo.json" \
+    >"$out/keepattn_dpo.log" 2>&1
+  echo "== keepattn dpo (exit $?)"; grep "^| " "$out/keepattn_dpo.log"
   ;;
 fused)
   tp fused_lora8b 150 --workload lora8b \

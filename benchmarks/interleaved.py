@@ -7,14 +7,15 @@ Across processes the median step of the same 8B LoRA run moved by up to +-9% on 
 H100s, more than most changes being measured. Here one model is built once and the variants
 are switches the model reads on every forward, applied before each step: `kernels.NAME=
 true|false` (the `Kernels` fields; not `adamw`, which the optimizer fixes when it is built)
-and `checkpoint_layers=N|all`. The order rotates each round, so every variant sees the same
-machine state. Reported per variant: the median and mean step as tokens/s, the fastest and
-slowest step, the peak memory of its steps, and "paired", the median over rounds of its step
-over the first variant's step in the same round. Switching every step keeps the allocator's
-cache from settling, so absolute figures sit below a one-variant process's; the ratios are
-what the run is for. `--objective dpo|rm` times preference_speed.py's stage step (shared-prompt
-pairs, `--pairs` pairs of `--seq` tokens a side, both sides counted). `--shape tiny` runs on
-the CPU in seconds.
+`checkpoint_layers=N|all` and `keep_attention=true|false` (checkpointed blocks keep the
+attention kernel's outputs: `activation_checkpointing_keep_attention`). The order rotates
+each round, so every variant sees the same machine state. Reported per variant: the median
+and mean step as tokens/s, the fastest and slowest step, the peak memory of its steps, and
+"paired", the median over rounds of its step over the first variant's step in the same
+round. Switching every step keeps the allocator's cache from settling, so absolute figures
+sit below a one-variant process's; the ratios are what the run is for. `--objective dpo|rm`
+times preference_speed.py's stage step (shared-prompt pairs, `--pairs` pairs of `--seq`
+tokens a side, both sides counted). `--shape tiny` runs on the CPU in seconds.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def parse_variant(text: str) -> dict[str, Any]:
             out["kernels"][key[8:]] = value == "true"
         elif key == "checkpoint_layers" and sep and (value == "all" or value.isdigit()):
             out["checkpoint_layers"] = None if value == "all" else int(value)
+        elif key == "keep_attention" and value in ("true", "false"):
+            out["keep_attention"] = value == "true"
         else:
             raise SystemExit(
                 f"--variants: unknown switch {item!r}; use kernels.NAME=true|false "
-                f"(NAME one of {', '.join(sorted(kernel_names))}) or checkpoint_layers=N|all"
+                f"(NAME one of {', '.join(sorted(kernel_names))}), checkpoint_layers=N|all "
+                "or keep_attention=true|false"
             )
     return out
 
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainee, spec, tokens = build(args, dev)
     model = trainee.model
     base_kernels, base_ckpt = model.kernels, model.checkpoint_layers
+    base_keep = model.checkpoint_keeps_attention
     vocab = spec.hf_config["vocab_size"]
     gen = torch.Generator(device=dev).manual_seed(1)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, s in variants[k:] + variants[:k]:
                 model.set_kernels(dataclasses.replace(base_kernels, **s["kernels"]))
                 model.checkpoint_layers = s.get("checkpoint_layers", base_ckpt)
+                model.checkpoint_keeps_attention = s.get("keep_attention", base_keep)
                 ids = torch.randint(0, vocab, (spec.bs, spec.seq), device=dev, generator=gen)
                 tt.synchronize(dev)
                 if cuda:

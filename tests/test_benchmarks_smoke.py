@@ -234,7 +234,9 @@ def test_interleaved_variants_take_turns_in_one_process(tmp_path):
     variant's paired ratio is 1; a switch it cannot apply per step is refused by name."""
     bench = _script("interleaved")
     out = tmp_path / "interleaved.json"
-    variants = "default;kernels.lora=false kernels.rope=false;checkpoint_layers=0"
+    variants = (
+        "default;kernels.lora=false kernels.rope=false;checkpoint_layers=0;keep_attention=true"
+    )
     report = bench.main(["--shape", "tiny", "--variants", variants, "--rounds", "2",
                          "--warmup-rounds", "1", "--threads", "1", "--out", str(out)])  # fmt: skip
     assert json.loads(out.read_text())["tokens_per_step"] == report["tokens_per_step"] > 0

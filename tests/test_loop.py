@@ -413,19 +413,21 @@ def test_metrics_jsonl_tensorboard_and_plot_written(tmp_path):
 
 
 def test_train_applies_the_memory_settings_to_the_model(tmp_path):
-    """Checkpointing, how many blocks, and the feed-forward slices reach the model, and a
-    run with all of them takes the same first step as one without."""
+    """Checkpointing, how many blocks, the feed-forward slices and the kept attention
+    outputs reach the model, and a run with all of them takes the same first step as one
+    without."""
     exs = make_examples(4, seed=6)
     losses = []
     for settings in ({}, {"activation_checkpointing": True,
-                         "activation_checkpointing_layers": 1, "mlp_chunk_tokens": 8}):  # fmt: skip
+                         "activation_checkpointing_layers": 1, "mlp_chunk_tokens": 8,
+                         "activation_checkpointing_keep_attention": True}):  # fmt: skip
         model = random_model("tiny-llama3")
         cfg = dataclasses.replace(tiny_cfg(1), **settings)
         src = BatchSource(exs, 4, pad_id=0, shuffle=False)
         res = train(model, source=src, loss_fn=causal_lm_loss_fn, cfg=cfg, out_dir=tmp_path / "o")
         losses.append(res.losses[0])
     assert model.gradient_checkpointing and model.checkpoint_layers == 1
-    assert model.layers[0].mlp.chunk_tokens == 8
+    assert model.layers[0].mlp.chunk_tokens == 8 and model.checkpoint_keeps_attention
     assert abs(losses[0] - losses[1]) <= 1e-5
 
 

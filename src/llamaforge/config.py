@@ -333,6 +333,9 @@ class TrainConfig:
     activation_offload_layers: int | None = _f(None, NON_NEGATIVE)
     # With checkpointing, recompute only the first N blocks (None: every block)
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
+    # With checkpointing, checkpointed blocks keep their fused attention kernel's output and
+    # log-sum-exp (tokens x dim each), so the recompute skips the attention forward
+    activation_checkpointing_keep_attention: bool = False
     # With checkpointing, a batch of more tokens runs each feed-forward over slices this size
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
     # a frozen, untied input embedding table kept in host memory (rows gathered there)
@@ -364,6 +367,7 @@ class RunConfig:
     activation_offload: bool = False
     activation_offload_layers: int | None = _f(None, NON_NEGATIVE)
     activation_checkpointing_layers: int | None = _f(None, NON_NEGATIVE)
+    activation_checkpointing_keep_attention: bool = False
     mlp_chunk_tokens: int | None = _f(16384, AT_LEAST_1)
     # Keep a frozen, untied input embedding table (LoRA/QLoRA/freeze of Llama-3.1-8B: 1.05
     # GB) in host memory: each step's rows are gathered there and copied over. The memory
@@ -663,6 +667,13 @@ def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
         )
     if cfg.cuda_graph is True:
         _cuda_graph_checks(cfg, origins)
+    keep, plan = cfg.activation_checkpointing_keep_attention, getattr(cfg, "memory_budget_gb", None)
+    if keep and not cfg.activation_checkpointing and plan is None:
+        raise origins.error(
+            "activation_checkpointing_keep_attention",
+            "key 'activation_checkpointing_keep_attention' needs 'activation_checkpointing: "
+            "true' or a 'memory_budget_gb' plan (it applies to checkpointed blocks)",
+        )
     if cfg.activation_checkpointing_layers is not None and not cfg.activation_checkpointing:
         raise origins.error(
             "activation_checkpointing_layers",
@@ -678,6 +689,11 @@ def _cuda_graph_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
         (cfg.activation_offload, "activation_offload", "no CPU copies inside the graph"),
         (cfg.optim.step_in_backward, "optim.step_in_backward", "AdamW after the backward"),
         (cfg.precision == "fp16", "precision", "no fp16 grad scaler (use bf16)"),
+        (
+            cfg.activation_checkpointing_keep_attention,
+            "activation_checkpointing_keep_attention",
+            "plain checkpointing (selective checkpointing is not tried inside a capture)",
+        ),
     ]
     if isinstance(cfg, RunConfig):
         conflicts += [

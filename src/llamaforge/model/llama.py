@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -490,6 +491,9 @@ class Llama(nn.Module):
         # with checkpointing: only the first N blocks recompute (None: all); the rest keep
         # their activations, trading memory for the recompute's third of the matmuls
         self.checkpoint_layers: int | None = None
+        # with checkpointing: checkpointed blocks keep the fused attention kernel's outputs
+        # (PyTorch's selective checkpointing), so the recompute skips the attention forward
+        self.checkpoint_keeps_attention = False
         self.kernels = Kernels()
 
     def set_kernels(self, kernels: Kernels) -> None:
@@ -631,9 +635,12 @@ class Llama(nn.Module):
         # inside a CUDA-graph capture the generator's state cannot be read; a captured step
         # has no random ops to replay (`PackedGraphStep` refuses dropout with checkpointing)
         rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        keep: dict[str, Any] = {}
+        if self.checkpoint_keeps_attention:
+            keep["context_fn"] = _keep_attention_contexts
         with offload_saved_tensors() if offload else contextlib.nullcontext():
             return torch.utils.checkpoint.checkpoint(
-                layer, x, *args, use_reentrant=False, preserve_rng_state=rng
+                layer, x, *args, use_reentrant=False, preserve_rng_state=rng, **keep
             )
 
     def forward(
@@ -650,6 +657,44 @@ class Llama(nn.Module):
             input_ids, positions=positions, mask=mask, cache=cache, doc_ids=doc_ids
         )
         return self.lm_head(hidden)
+
+
+@functools.cache
+def _attention_ops() -> frozenset[Any]:
+    """The fused attention kernels' forward ops (SDPA's and flash varlen's) whose outputs a
+    checkpointed block keeps with `checkpoint_keeps_attention`."""
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    try:  # importing the module registers torch_attn::_varlen_attn
+        importlib.import_module("torch.nn.attention.varlen")
+        ops.add(torch.ops.torch_attn._varlen_attn.default)
+    except (ImportError, AttributeError):
+        pass
+    return frozenset(ops)
+
+
+def _keep_attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op in _attention_ops():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_contexts() -> tuple[Any, Any]:
+    """Selective checkpointing's (forward, recompute) contexts: the attention kernels'
+    outputs saved in the forward and handed back in the recompute, everything else redone."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_keep_attention_policy)
 
 
 def compute_device(model: nn.Module) -> torch.device:

@@ -812,6 +812,8 @@ def train(
             model.offload_layers = cfg.activation_offload_layers
         if hasattr(model, "checkpoint_layers"):
             model.checkpoint_layers = cfg.activation_checkpointing_layers
+        if hasattr(model, "checkpoint_keeps_attention"):
+            model.checkpoint_keeps_attention = cfg.activation_checkpointing_keep_attention
         if hasattr(model, "set_mlp_chunk"):
             model.set_mlp_chunk(cfg.mlp_chunk_tokens)
     if cfg.embeddings_on_host:

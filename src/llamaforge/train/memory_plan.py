@@ -198,6 +198,9 @@ def _probe(
         per_token = max(0, whole - saved) / probe  # the intermediates a slice saves, a token
         extra = int(2 * per_token * max(1, chunk // rows) * rows)
     checkpointed = rows * tokens * model.cfg.dim * model.dtype.itemsize
+    if getattr(model, "checkpoint_keeps_attention", False):  # + the attention output and LSE
+        heads = model.cfg.n_heads
+        checkpointed += rows * tokens * heads * (model.cfg.head_dim * model.dtype.itemsize + 4)
     return -(-saved * rows * tokens // probe), checkpointed, extra
 
 

@@ -186,6 +186,8 @@ def planned_train_config(
         if auto:
             return tcfg
         raise UserError("key 'memory_budget_gb': one process only for now (torchrun found)")
+    if hasattr(model, "checkpoint_keeps_attention"):  # what a checkpointed block saves
+        model.checkpoint_keeps_attention = cfg.activation_checkpointing_keep_attention
     plan = plan_memory(  # None for auto off a GPU, before any probe runs
         model,
         setting,
@@ -203,10 +205,12 @@ def planned_train_config(
     if out is not None:
         plan.save(out / "memory_plan.json")
     k, m = plan.checkpointed, plan.offloaded
+    keep = k > 0 and cfg.activation_checkpointing_keep_attention
     return replace(
         tcfg,
         activation_checkpointing=k > 0,
         activation_checkpointing_layers=k if 0 < k < plan.n_layers else None,
+        activation_checkpointing_keep_attention=keep,
         activation_offload=plan.offload,
         activation_offload_layers=m if 0 < m < k else None,
         embeddings_on_host=plan.host_embeddings,
