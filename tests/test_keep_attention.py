@@ -69,6 +69,12 @@ def test_the_key_needs_checkpointed_blocks():
         raw, ["activation_checkpointing=true", "activation_checkpointing_keep_attention=true"]
     )
     assert cfg.train_config().activation_checkpointing_keep_attention
+    with pytest.raises(ConfigError, match="activation_offload"):
+        config_from_dict(
+            raw,
+            ["activation_checkpointing=true", "activation_offload=true",
+             "activation_checkpointing_keep_attention=true"],
+        )  # fmt: skip
     budget = config_from_dict(
         {**raw, "memory_budget_gb": "auto"}, ["activation_checkpointing_keep_attention=true"]
     )

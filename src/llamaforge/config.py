@@ -668,6 +668,13 @@ def _cross_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
     if cfg.cuda_graph is True:
         _cuda_graph_checks(cfg, origins)
     keep, plan = cfg.activation_checkpointing_keep_attention, getattr(cfg, "memory_budget_gb", None)
+    if keep and cfg.activation_offload:
+        raise origins.error(
+            "activation_checkpointing_keep_attention",
+            "key 'activation_checkpointing_keep_attention' with 'activation_offload: true': "
+            "the kept attention outputs would stay on the GPU while the inputs leave it; "
+            "drop one of them",
+        )
     if keep and not cfg.activation_checkpointing and plan is None:
         raise origins.error(
             "activation_checkpointing_keep_attention",

@@ -205,7 +205,8 @@ def planned_train_config(
     if out is not None:
         plan.save(out / "memory_plan.json")
     k, m = plan.checkpointed, plan.offloaded
-    keep = k > 0 and cfg.activation_checkpointing_keep_attention
+    # kept attention outputs stay on the GPU: not where the plan must offload inputs to fit
+    keep = k > 0 and not plan.offload and cfg.activation_checkpointing_keep_attention
     return replace(
         tcfg,
         activation_checkpointing=k > 0,
