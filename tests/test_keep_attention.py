@@ -1,5 +1,5 @@
 """`activation_checkpointing_keep_attention`: checkpointed blocks keep the fused attention
-kernel's outputs (PyTorch's selective checkpointing), so the recompute skips its forward."""
+kernel's outputs (the checkpoint's context hooks), so the recompute skips its forward."""
 
 from __future__ import annotations
 

@@ -699,7 +699,7 @@ def _cuda_graph_checks(cfg: RunConfig | TrainConfig, origins: _Origins) -> None:
         (
             cfg.activation_checkpointing_keep_attention,
             "activation_checkpointing_keep_attention",
-            "plain checkpointing (selective checkpointing is not tried inside a capture)",
+            "plain checkpointing (kept attention outputs are not tried inside a capture)",
         ),
     ]
     if isinstance(cfg, RunConfig):

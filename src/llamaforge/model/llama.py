@@ -7,6 +7,7 @@ H query heads, K key/value heads, D head dim, C model width.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import math
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..kernels import Kernels, use_kernel
 from ..kernels.attention import (
@@ -361,13 +363,26 @@ class Attention(nn.Module):
         if getattr(cache, "rope_in_attend", False):  # the serving engine's decode kernel
             return self.o_proj(cache.attend(self.layer, q, k, v, rope=(cos, sin)))
         q, k = rope(q, k, cos, sin, self.kernels.rope)
+        with _attention_scope():  # checkpointed blocks may keep the kernel's outputs
+            out = self._attend(q, k, v, mask, cache)
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | Segments | PairSegments | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """Attention of (B, H, T, D) queries over the keys: (B, T, H, D) or (B*T, H, D)."""
+        t = q.shape[2]
         if isinstance(mask, Segments):  # packed rows, no cache: (B*T, H, D) per document
-            out = varlen_attention(q, k, v, mask.cu_seqlens, mask.max_len)  # (B*T, H, D)
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+            return varlen_attention(q, k, v, mask.cu_seqlens, mask.max_len)  # (B*T, H, D)
         if isinstance(mask, PairSegments):  # shared-prompt pairs: two segments a row
-            return self.o_proj(mask.attend(q, k, v).reshape(b, t, self.n_heads * self.head_dim))
+            return mask.attend(q, k, v)
         if cache is not None and hasattr(cache, "attend"):  # a cache with per-row lengths
-            return self.o_proj(cache.attend(self.layer, q, k, v))  # stores k/v, (B, T, H*D)
+            return cache.attend(self.layer, q, k, v)  # stores k/v, (B, T, H*D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
         gqa = {}
@@ -384,8 +399,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, **gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
-        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+        return out.transpose(1, 2)  # (B, T, H, D)
 
 
 class MLP(nn.Module):
@@ -492,7 +506,7 @@ class Llama(nn.Module):
         # their activations, trading memory for the recompute's third of the matmuls
         self.checkpoint_layers: int | None = None
         # with checkpointing: checkpointed blocks keep the fused attention kernel's outputs
-        # (PyTorch's selective checkpointing), so the recompute skips the attention forward
+        # (through the checkpoint's context hooks), so the recompute skips the attention forward
         self.checkpoint_keeps_attention = False
         self.kernels = Kernels()
 
@@ -681,20 +695,59 @@ def _attention_ops() -> frozenset[Any]:
     return frozenset(ops)
 
 
-def _keep_attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import CheckpointPolicy
+# (kept outputs, replay) of the checkpointed block running now, for `_attention_scope`
+_KEEP_PHASE: contextvars.ContextVar[tuple[list[Any], bool] | None] = contextvars.ContextVar(
+    "llamaforge_keep_attention", default=None
+)
 
-    if op in _attention_ops():
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+
+class _KeepAttention(TorchDispatchMode):
+    """Under one block's attention call: in the block's forward, keep each attention
+    kernel's outputs (detached: the same storage, no autograd history); in its recompute,
+    hand them back instead of running the kernel. It runs below autograd, so the recompute
+    still records the kernel's node, with the kept outputs as what it saves."""
+
+    def __init__(self, kept: list[Any], replay: bool) -> None:
+        super().__init__()
+        self.kept, self.replay = kept, replay
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        if func not in _attention_ops():
+            return func(*args, **kwargs)
+        if self.replay and self.kept:
+            return self.kept.pop(0)
+        out = func(*args, **kwargs)
+        if not self.replay:
+            self.kept.append(
+                tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in out)
+                if isinstance(out, tuple)
+                else out.detach()
+            )
+        return out
+
+
+@contextlib.contextmanager
+def _keep_phase(kept: list[Any], replay: bool):
+    token = _KEEP_PHASE.set((kept, replay))
+    try:
+        yield
+    finally:
+        _KEEP_PHASE.reset(token)
 
 
 def _keep_attention_contexts() -> tuple[Any, Any]:
-    """Selective checkpointing's (forward, recompute) contexts: the attention kernels'
-    outputs saved in the forward and handed back in the recompute, everything else redone."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    """A checkpoint's (forward, recompute) contexts for `checkpoint_keeps_attention`: one
+    list per checkpointed call, filled in its forward and emptied by its recompute (dropped
+    with the call when no backward comes). Only the attention call runs under a dispatch
+    mode (`_attention_scope`), not the block's other ops."""
+    kept: list[Any] = []
+    return _keep_phase(kept, False), _keep_phase(kept, True)
 
-    return create_selective_checkpoint_contexts(_keep_attention_policy)
+
+def _attention_scope() -> contextlib.AbstractContextManager:
+    phase = _KEEP_PHASE.get()
+    return contextlib.nullcontext() if phase is None else _KeepAttention(*phase)
 
 
 def compute_device(model: nn.Module) -> torch.device:
