@@ -6,6 +6,9 @@
 #           importable: the CLI runs in the memory-plan tests)
 #   side    side by side with every peer: lora8b, then full1b (batch 4)
 #   qlora   side by side on qlora8b, then the 8B LoRA sequence sweep (batch 1) and a profile
+#   cells8b / cellsq8b  issue 16's 8B LoRA / QLoRA cells as they are judged: the default
+#           with the input table in host memory (what the 16.7 / 7.0 GB plans pick) beside
+#           Unsloth, one invocation each (Unsloth's wheels on PYTHONPATH; /tmp/l8b shared)
 #   long    the longest batch-1 sequences under an 80 GB cap, activations offloaded
 #   next    what 2026-12-02 left untimed: fewer checkpointed blocks for 8B LoRA, the fused
 #           bf16 AdamW for 1B full
@@ -100,6 +103,14 @@ qlora)
     --steps 3 --warmup 1
   tp profile_lora8b 70 --workload lora8b --stacks llamaforge --steps 2 --warmup 2 --profile
   grep -A40 "^profile of one" "$out/profile_lora8b.log" | cut -c1-200 | head -45
+  ;;
+cells8b)
+  tp cells_lora8b 330 --workload lora8b --stacks llamaforge-host,llamaforge,unsloth \
+    --steps 6 --warmup 2 --model-dir /tmp/l8b
+  ;;
+cellsq8b)
+  tp cells_qlora8b 360 --workload qlora8b --stacks llamaforge-host,llamaforge,unsloth \
+    --steps 6 --warmup 2 --model-dir /tmp/l8b
   ;;
 long)
   tp longest_lora8b 170 --workload lora8b --stacks llamaforge-offload --seqs 65536,131072 \

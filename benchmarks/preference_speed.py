@@ -18,7 +18,9 @@ so a step is the policy's forward and backward alone. Tokens/s counts every
 token of both sequences of every pair, the prompt twice, whichever layout runs (8,192 a step at
 the default shape), over the median step time after the warm-up steps; peak memory is the peak
 allocated during training (weights included). TRL is driven through its own `train()` with a
-callback that times each optimizer step; its text datasets go through a word-level tokenizer
+callback that times each optimizer step (its Trainer fetches and collates the batch before the
+step begins; llamaforge's batches are likewise collated before the timed steps, and both move
+theirs to the GPU inside the step); its text datasets go through a word-level tokenizer
 whose words are the token ids, so it sees exactly the same lengths.
 
 `--workload qlora8b` runs the same stacks over a 4-bit base: llamaforge's NF4 + double quant
@@ -127,21 +129,20 @@ def llamaforge_trainee(name: str, spec: tt.Spec, prompt: int, dev: torch.device)
     gen = torch.Generator().manual_seed(1)
     vocab = spec.hf_config["vocab_size"]
 
-    ready = None
-    if precomputed:  # every step's pairs made and scored by the starting model up front
+    # every step's pairs made and collated on the host before the timed steps, as TRL's
+    # Trainer fetches and collates each batch before its step begins (moved to the device
+    # inside the step in both); with a precomputed reference, scored by the starting model
+    steps = [sequences(spec, prompt, gen, vocab) for _ in range(max(spec.warmup + spec.steps, 4))]
+    if precomputed:
         from llamaforge.train.stages import precompute_reference
 
-        steps = [
-            sequences(spec, prompt, gen, vocab) for _ in range(max(spec.warmup + spec.steps, 4))
-        ]
         with autocast_context(precision, dev):
             precompute_reference(model, [e for s in steps for e in s], 0, spec.bs, collate_fn)
         notes += "; reference log-probs precomputed before the timed steps"
-        ready = itertools.cycle(steps)  # again from the first once all are used
+    ready = itertools.cycle([collate_fn(examples, 0) for examples in steps])  # then again
 
     def step(_ids: torch.Tensor | None = None) -> torch.Tensor:
-        examples = next(ready) if ready is not None else sequences(spec, prompt, gen, vocab)
-        batch = {k: v.to(dev) for k, v in collate_fn(examples, 0).items()}
+        batch = {k: v.to(dev) for k, v in next(ready).items()}
         with autocast_context(precision, dev):
             total, n, _extras = loss_fn(model, batch)
         (total / n).backward()
