@@ -79,3 +79,19 @@ def test_the_key_needs_checkpointed_blocks():
         {**raw, "memory_budget_gb": "auto"}, ["activation_checkpointing_keep_attention=true"]
     )
     assert budget.activation_checkpointing_keep_attention
+
+
+def test_no_block_is_checkpointed_where_no_graph_is_recorded(monkeypatch):
+    """Under no_grad (DPO's reference pass, rollouts) checkpointing would only add calls."""
+    model = random_model("tiny-llama3", seed=7)
+    model.train()
+    model.gradient_checkpointing = model.checkpoint_keeps_attention = True
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    want = model.hidden_states(ids).detach()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("checkpoint called under no_grad")
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden_states(ids), want, rtol=0, atol=0)

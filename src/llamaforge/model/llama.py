@@ -611,6 +611,8 @@ class Llama(nn.Module):
         x = self.embed(input_ids) if embeds is None else embeds  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         ckpt = self.checkpoint_layers if self.checkpoint_layers is not None else len(self.layers)
+        # nothing to recompute where no graph is recorded (e.g. DPO's reference pass)
+        ckpt = ckpt if torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and i < ckpt:
                 x = self._checkpointed(layer, self.offloads(i), x, cos, sin, mask, cache)
