@@ -82,10 +82,11 @@ tp() {  # name time-limit args...: one train_throughput.py invocation, its table
 case $part in
 tests)
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_basic.py \
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_basic.py \
     tests/test_kernels_ce.py tests/test_kernels_nf4.py tests/test_kernels_dispatch.py \
     tests/test_long_context.py tests/test_kernels_adamw.py tests/test_memory_plan.py \
     tests/test_serve_graphs.py tests/test_serve_engine.py tests/test_lora_fused.py \
+    tests/test_keep_attention.py tests/test_preference.py \
     tests/test_serve_fused.py tests/test_kernels_gemv.py tests/test_kernels_decode_attention.py \
     tests/test_optim_in_backward.py 2>&1 | tail -25 | tee "$out/tests.log"
   ;;

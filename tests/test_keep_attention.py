@@ -13,7 +13,7 @@ from tests.helpers import random_model
 
 
 class _CountAttention(TorchDispatchMode):
-    """Counts the attention forward ops that run (SDPA's fused kernels on the CPU)."""
+    """Counts the attention forward ops that run (SDPA's fused kernels, flash varlen)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -21,7 +21,7 @@ class _CountAttention(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if "attention" in name and "backward" not in name:
+        if ("attention" in name or "_varlen_attn" in name) and "backward" not in name:
             self.forwards += 1
         return func(*args, **(kwargs or {}))
 
@@ -95,3 +95,34 @@ def test_no_block_is_checkpointed_where_no_graph_is_recorded(monkeypatch):
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", refuse)
     with torch.no_grad():
         torch.testing.assert_close(model.hidden_states(ids), want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs a GPU")
+def test_packed_rows_keep_the_flash_varlen_outputs_on_the_gpu():
+    """Packed rows go through flash varlen (torch_attn::_varlen_attn): kept and handed back
+    in the recompute too, with the gradients of plain checkpointing (bf16)."""
+    from llamaforge.kernels.attention import varlen_available
+
+    if not varlen_available():
+        pytest.skip("this torch has no flash varlen attention")
+    model = random_model("tiny-llama3", seed=8).to("cuda", torch.bfloat16)
+    model.train()
+    model.gradient_checkpointing = True
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=gen).cuda()
+    doc_ids = torch.tensor([[0] * 40 + [1] * 24, [0] * 64]).cuda()
+    positions = torch.cat([torch.arange(40), torch.arange(24)]).expand(2, 64).clone()
+    positions[1] = torch.arange(64)
+    assert model.varlen_usable(doc_ids)
+    grads, counts = [], []
+    for keep in (False, True):
+        model.checkpoint_keeps_attention = keep
+        model.zero_grad(set_to_none=True)
+        with _CountAttention() as count:
+            hidden = model.hidden_states(ids, positions=positions.cuda(), doc_ids=doc_ids)
+            hidden.float().pow(2).mean().backward()
+        counts.append(count.forwards)
+        grads.append([p.grad.float() for p in model.parameters() if p.grad is not None])
+    assert counts[1] < counts[0]  # the recompute ran no attention forward
+    for g, w in zip(*grads, strict=True):
+        torch.testing.assert_close(g, w, atol=0.02 * w.abs().max().item(), rtol=0.02)
