@@ -60,6 +60,10 @@
 #           ../shared does not travel to the device: copy the script into the carried tree)
 #   quality_ours  the same task with llamaforge's LoRA recipe (MODEL=...); run both parts in
 #           one lease and put them in one table
+# Untimed since 2026-12-08 (no device that session), in the order worth running: tests (the
+# preference and keep_attention GPU tests among them), dpopre (DPO vs TRL with the fused
+# default, queries without the prompt copy, the lay-out's own backward), dpoq, cells8b and
+# cellsq8b (beside Unsloth), keepattn.
 # Baselines need their packages importable (BASELINES.md: wheels on PYTHONPATH); a missing
 # one is reported as skipped. Every benchmark has its own time limit so one slow part cannot
 # eat the others' time. Random models for the from-disk stacks are kept in /tmp between parts.
