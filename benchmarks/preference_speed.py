@@ -42,10 +42,8 @@ import importlib.util
 import itertools
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -251,21 +249,7 @@ def trl_model(objective: str, spec: tt.Spec, dev: torch.device, dtype: torch.dty
         tt.need("bitsandbytes")
         if spec.model_dir is None:
             raise tt.Skip("no saved model folder for bitsandbytes to load")
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-        model = auto.from_pretrained(
-            spec.model_dir,
-            quantization_config=quant,
-            dtype=dtype,
-            device_map={"": 0 if dev.type == "cuda" else "cpu"},
-            **extra,
-        )
+        model = tt.bnb_nf4_model(spec, dev, dtype, auto, **extra)
         if objective == "rm":  # the new, randomly drawn head in the compute dtype
             model.score.to(dtype)
         return model
@@ -487,26 +471,17 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"--stacks: unknown {unknown}; choose from {list(STACKS)}")
     results: dict[str, dict] = {}
-    made = None
     spec.model_dir = a.model_dir
     trl_qlora = spec.method == "qlora" and any(n.startswith("trl") for n in names)
-    if trl_qlora and importlib.util.find_spec("bitsandbytes") is not None:
-        if spec.model_dir is None:
-            made = spec.model_dir = tempfile.mkdtemp(prefix="lf-pref-")
-        if not (Path(spec.model_dir) / "config.json").exists():
-            tt.log(f"saving a random model for bitsandbytes to {spec.model_dir} ...")
-            saved = tt.run_child("make-dir", spec, a.timeout, False)
-            if "error" in saved:  # the TRL stacks then fail to load it and say so
-                tt.log(f"  saving failed: {saved['error']}")
-    try:
+    wanted = trl_qlora and importlib.util.find_spec("bitsandbytes") is not None
+    with tt.saved_model_dir(spec, wanted, a.timeout) as failed:
+        if failed is not None:  # the TRL stacks then fail to load it and say so
+            tt.log(f"  saving failed: {failed['error']}")
         for name in names:
             tt.log(f"training {name} ...")
             results[name] = run_child(name, replace(spec), prompt, a.timeout)
             r = results[name]
             tt.log(f"  {name}: {tt.summary(r) if 'tokens_per_s' in r else r}")
-    finally:
-        if made:
-            shutil.rmtree(made, ignore_errors=True)
     dev = tt.device()
     report = {
         "device": torch.cuda.get_device_name()

@@ -660,26 +660,32 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def bnb_nf4_model(spec: Spec, dev: torch.device, dtype: torch.dtype, auto: Any, **kwargs: Any):
+    """The saved random model (`spec.model_dir`) loaded by `auto` (a transformers Auto class)
+    with bitsandbytes NF4 + double quant, `dtype` compute; kwargs go to `from_pretrained`."""
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return auto.from_pretrained(
+        spec.model_dir,
+        quantization_config=quant,
+        dtype=dtype,
+        device_map={"": 0 if dev.type == "cuda" else "cpu"},
+        **kwargs,
+    )
+
+
 def hf_model(spec: Spec, stack: Stack, dev: torch.device, dtype: torch.dtype):
     """transformers' LlamaForCausalLM: built in place from the config, or NF4 from disk."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     if stack.bnb:
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-        return AutoModelForCausalLM.from_pretrained(
-            spec.model_dir,
-            quantization_config=quant,
-            dtype=dtype,
-            device_map={"": 0 if dev.type == "cuda" else "cpu"},
-            attn_implementation="sdpa",
-        )
+        return bnb_nf4_model(spec, dev, dtype, AutoModelForCausalLM, attn_implementation="sdpa")
     config = LlamaConfig(**spec.hf_config)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -940,6 +946,33 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def saved_model_dir(
+    spec: Spec,
+    wanted: bool,
+    timeout: float,
+    verbose: bool = False,
+    tmp_dir: str | None = None,
+    keep: bool = False,
+):
+    """While the block runs, `spec.model_dir` holds a random model of the shape saved for the
+    from-disk stacks (when `wanted`): the folder given, filled if it holds none and kept, else
+    a temporary one removed afterwards unless `keep`. Yields the saving child's error result,
+    or None."""
+    made, failed = None, None
+    if wanted and spec.model_dir is None:
+        made = spec.model_dir = tempfile.mkdtemp(prefix="lf-bench-", dir=tmp_dir)
+    if wanted and not (Path(spec.model_dir) / "config.json").exists():
+        log(f"saving a random model for the from-disk stacks to {spec.model_dir} ...")
+        saved = run_child("make-dir", spec, timeout, verbose)
+        failed = saved if "error" in saved else None
+    try:
+        yield failed
+    finally:
+        if made and not keep:
+            shutil.rmtree(made, ignore_errors=True)
+
+
 def train_stacks(spec: Spec, stacks: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Each stack in turn on one shape, each in its own process."""
     results = {}
@@ -961,16 +994,11 @@ def run_all(
     env = run_child("ceiling", spec, args.timeout, args.verbose)
     results: dict[str, Any] = {}
     sweep: dict[str, Any] = {}
-    made = None
     wanted = needs_model_dir(stacks, spec.method)
-    if wanted and spec.model_dir is None:
-        made = spec.model_dir = tempfile.mkdtemp(prefix="lf-bench-", dir=args.tmp_dir)
-    if wanted and not (Path(spec.model_dir) / "config.json").exists():
-        log(f"saving a random model for the from-disk stacks to {spec.model_dir} ...")
-        saved = run_child("make-dir", spec, args.timeout, args.verbose)
-        if "error" in saved:
-            results["make-dir"] = saved
-    try:
+    with saved_model_dir(spec, wanted, args.timeout, args.verbose, args.tmp_dir,
+                         args.keep_model_dir) as failed:  # fmt: skip
+        if failed is not None:
+            results["make-dir"] = failed
         if seqs:
             out_of_memory: set[str] = set()
             for seq in seqs:
@@ -983,9 +1011,6 @@ def run_all(
                 sweep[str(seq)] = {"flops_per_token": flops_per_token(at), "results": done}
         else:
             results.update(train_stacks(spec, stacks, args))
-    finally:
-        if made and not args.keep_model_dir:
-            shutil.rmtree(made, ignore_errors=True)
     return {"environment": env, "results": results, **({"sweep": sweep} if seqs else {})}
 
 
