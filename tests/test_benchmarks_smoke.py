@@ -212,8 +212,8 @@ def test_preference_speed_tiny(tmp_path):
 
 
 def test_preference_speed_qlora_puts_trl_on_bitsandbytes_nf4(tmp_path):
-    """--workload qlora8b: TRL loads the saved random model as bitsandbytes NF4 + DQ (the
-    folder made for it and removed after), llamaforge quantises its own; both start at ln 2."""
+    """--workload qlora8b: TRL loads the saved random model as bitsandbytes NF4 + DQ (saved
+    into the folder named, which is kept), llamaforge quantises its own; both start at ln 2."""
     for module in ("trl", "bitsandbytes"):
         pytest.importorskip(module)
     model_dir = tmp_path / "model"
